@@ -1,0 +1,211 @@
+//! Host side of the agent protocol (see docs/agent-protocol.md): talks to
+//! the in-guest agent through the VMM's vsock Unix socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use proto::{
+    AgentFrame, ErrorCode, ExecRequest, ExitStatus, HostFrame, ProtoError, Request, Response,
+};
+
+use crate::vm::{connect_vsock, VmError};
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The vsock connection could not be made.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The byte stream broke the protocol or the connection dropped.
+    #[error("agent connection: {0}")]
+    Proto(#[from] ProtoError),
+    /// The agent closed the connection.
+    #[error("the guest agent closed the connection")]
+    Closed,
+    /// The agent speaks another protocol version.
+    #[error("the guest agent speaks protocol {agent}, this zygote speaks {ours}: rebuild the guest image")]
+    Version {
+        /// The agent's version.
+        agent: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// The agent answered with something that does not fit the request.
+    #[error("unexpected answer from the guest agent: {0}")]
+    Unexpected(String),
+    /// The agent refused the request.
+    #[error("{message}")]
+    Remote {
+        /// Kind of failure.
+        code: ErrorCode,
+        /// The agent's message.
+        message: String,
+    },
+    /// Writing the command's output locally failed.
+    #[error("cannot write command output: {0}")]
+    Output(std::io::Error),
+}
+
+/// One connection to the agent.
+pub struct AgentClient {
+    stream: UnixStream,
+    /// The agent's version string from its hello.
+    pub agent_version: String,
+}
+
+impl AgentClient {
+    /// Connects through the VMM's vsock socket at `uds` and reads the hello.
+    pub fn connect(uds: &Path) -> Result<Self, AgentError> {
+        let stream = connect_vsock(uds, proto::AGENT_VSOCK_PORT)?;
+        Self::over(stream)
+    }
+
+    /// Uses an already connected stream (reads the hello first).
+    pub fn over(mut stream: UnixStream) -> Result<Self, AgentError> {
+        match AgentFrame::read_from(&mut stream)? {
+            Some(AgentFrame::Response(Response::Hello {
+                protocol_version,
+                agent_version,
+            })) => {
+                if protocol_version != proto::PROTOCOL_VERSION {
+                    return Err(AgentError::Version {
+                        agent: protocol_version,
+                        ours: proto::PROTOCOL_VERSION,
+                    });
+                }
+                Ok(AgentClient {
+                    stream,
+                    agent_version,
+                })
+            }
+            Some(other) => Err(AgentError::Unexpected(format!(
+                "{other:?} instead of hello"
+            ))),
+            None => Err(AgentError::Closed),
+        }
+    }
+
+    fn send(&mut self, req: Request) -> Result<(), AgentError> {
+        HostFrame::Request(req).write_to(&mut self.stream)?;
+        Ok(())
+    }
+
+    fn next(&mut self) -> Result<AgentFrame, AgentError> {
+        AgentFrame::read_from(&mut self.stream)?.ok_or(AgentError::Closed)
+    }
+
+    /// Pings the agent; returns the guest's uptime in ms.
+    pub fn ping(&mut self) -> Result<u64, AgentError> {
+        self.send(Request::Ping)?;
+        match self.next()? {
+            AgentFrame::Response(Response::Pong { uptime_ms }) => Ok(uptime_ms),
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Runs a command; streams its stdout/stderr to `stdout`/`stderr` and
+    /// feeds it `stdin` (when given, `req.stdin` is set for you). Returns
+    /// how it ended.
+    pub fn exec(
+        &mut self,
+        mut req: ExecRequest,
+        stdin: Option<Box<dyn Read + Send>>,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitStatus, AgentError> {
+        req.stdin = stdin.is_some();
+        self.send(Request::Exec(req))?;
+        match self.next()? {
+            AgentFrame::Response(Response::Started { .. }) => {}
+            AgentFrame::Response(Response::Error { code, message }) => {
+                return Err(AgentError::Remote { code, message })
+            }
+            other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        if let Some(mut input) = stdin {
+            let mut w = self
+                .stream
+                .try_clone()
+                .map_err(|e| AgentError::Proto(ProtoError::Io(e)))?;
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match input.read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => 0,
+                    };
+                    if done.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if HostFrame::Stdin(buf[..n].to_vec())
+                        .write_to(&mut w)
+                        .is_err()
+                        || n == 0
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        let result = loop {
+            match self.next() {
+                Ok(AgentFrame::Stdout(b)) => stdout.write_all(&b).map_err(AgentError::Output)?,
+                Ok(AgentFrame::Stderr(b)) => stderr.write_all(&b).map_err(AgentError::Output)?,
+                Ok(AgentFrame::Response(Response::Exited(status))) => break Ok(status),
+                Ok(AgentFrame::Response(Response::Error { code, message })) => {
+                    break Err(AgentError::Remote { code, message })
+                }
+                Ok(other) => break Err(AgentError::Unexpected(format!("{other:?}"))),
+                Err(e) => break Err(e),
+            }
+        };
+        done.store(true, Ordering::Release);
+        let _ = stdout.flush();
+        let _ = stderr.flush();
+        result
+    }
+
+    /// Runs a command without stdin and collects its output.
+    pub fn exec_collect(
+        &mut self,
+        req: ExecRequest,
+    ) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), AgentError> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let status = self.exec(req, None, &mut out, &mut err)?;
+        Ok((status, out, err))
+    }
+
+    /// Asks the guest to power off.
+    pub fn shutdown(&mut self) -> Result<(), AgentError> {
+        self.send(Request::Shutdown)?;
+        match self.next() {
+            Ok(AgentFrame::Response(Response::ShuttingDown)) | Err(AgentError::Closed) => Ok(()),
+            Ok(other) => Err(AgentError::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("agent_version", &self.agent_version)
+            .finish()
+    }
+}
+
+/// Writes `status` as a shell would describe it (for CLI messages).
+pub fn describe(status: &ExitStatus) -> String {
+    match (status.code, status.signal, status.timed_out) {
+        (_, Some(sig), true) => format!("killed by signal {sig} after its timeout"),
+        (_, Some(sig), false) => format!("killed by signal {sig}"),
+        (Some(c), _, _) => format!("exited with code {c}"),
+        _ => "ended".into(),
+    }
+}

@@ -1,0 +1,141 @@
+//! `zygote run`: boot a fresh microVM, run one command in it, shut it down.
+
+use std::time::Duration;
+
+use proto::{ErrorCode, ExecRequest};
+
+use crate::agent::{AgentClient, AgentError};
+use crate::paths::GuestImage;
+use crate::vm::{VmError, VmProcess, VmSpec};
+
+/// What to run and on what.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// VM shape and image.
+    pub spec: VmSpec,
+    /// How long to wait for the agent.
+    pub boot_timeout: Duration,
+    /// The command.
+    pub argv: Vec<String>,
+    /// Print each phase's duration on stderr at the end.
+    pub timings: bool,
+}
+
+/// Errors of `zygote run`, each with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Starting the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The command does not exist in the guest.
+    #[error("{0}: command not found in the guest")]
+    NotFound(String),
+}
+
+impl RunError {
+    /// The exit code `zygote run` uses for this error (127 as a shell for
+    /// a missing command, 1 otherwise).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::NotFound(_) => 127,
+            RunError::Agent(AgentError::Remote {
+                code: ErrorCode::PermissionDenied,
+                ..
+            }) => 126,
+            _ => 1,
+        }
+    }
+}
+
+/// Boots a VM, runs the command with the caller's stdio, shuts the VM down.
+/// Returns the command's shell exit code.
+pub fn run(opts: &RunOptions) -> Result<i32, RunError> {
+    let mut vm = VmProcess::spawn(&opts.spec)?;
+    vm.wait_ready(opts.boot_timeout)?;
+    let mut agent = AgentClient::connect(&vm.vsock_path())?;
+    let req = ExecRequest::new(opts.argv.clone());
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    let status = agent.exec(
+        req,
+        Some(Box::new(std::io::stdin())),
+        &mut stdout,
+        &mut stderr,
+    );
+    let status = match status {
+        Ok(s) => s,
+        Err(AgentError::Remote {
+            code: ErrorCode::NotFound,
+            ..
+        }) => {
+            shutdown(&mut vm, &mut agent);
+            return Err(RunError::NotFound(opts.argv[0].clone()));
+        }
+        Err(e @ AgentError::Remote { .. }) => {
+            shutdown(&mut vm, &mut agent);
+            return Err(e.into());
+        }
+        // The connection broke: the VM most likely ended (a panic, say).
+        Err(_) => return Err(vm.end_error().into()),
+    };
+    let done_us = vmm::events::now_us();
+    shutdown(&mut vm, &mut agent);
+    if opts.timings {
+        eprintln!("{}", timings_line(&vm.timeline, done_us));
+    }
+    Ok(status.shell_code())
+}
+
+/// One line with the duration of each phase of a VM's life, in ms.
+pub fn timings_line(t: &crate::vm::Timeline, done_us: u64) -> String {
+    let mut parts = Vec::new();
+    let mut prev = t.spawn_us;
+    for (name, at) in [
+        ("VMM started", t.started_us),
+        ("first guest instruction", t.vcpu_running_us),
+        ("kernel reached /init", t.agent_start_us),
+        ("agent ready", t.agent_ready_us),
+        ("command done", Some(done_us)),
+    ] {
+        if let Some(at) = at {
+            parts.push(format!(
+                "{name} +{:.1}",
+                at.saturating_sub(prev) as f64 / 1000.0
+            ));
+            prev = at;
+        }
+    }
+    format!(
+        "zygote: timings (ms): {}; total {:.1}",
+        parts.join(", "),
+        done_us.saturating_sub(t.spawn_us) as f64 / 1000.0
+    )
+}
+
+fn shutdown(vm: &mut VmProcess, agent: &mut AgentClient) {
+    if agent.shutdown().is_err() {
+        vm.kill();
+        return;
+    }
+    let _ = vm.wait_exit(Duration::from_secs(30));
+}
+
+/// Resolves the default VM spec pieces shared by the CLI's commands.
+pub fn spec(
+    kernel: Option<&std::path::Path>,
+    rootfs: Option<&std::path::Path>,
+    memory_mib: u64,
+    vcpus: u8,
+    console: bool,
+) -> Result<VmSpec, VmError> {
+    Ok(VmSpec {
+        image: GuestImage::resolve(kernel, rootfs)?,
+        memory_mib,
+        vcpus,
+        console,
+        runtime_root: None,
+    })
+}

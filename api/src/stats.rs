@@ -1,0 +1,72 @@
+//! Small statistics helpers for benchmarks.
+
+use serde::Serialize;
+
+/// min / p50 / max of a sample, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Summary {
+    /// Smallest value.
+    pub min: f64,
+    /// Median (lower median for even counts).
+    pub p50: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Summary {
+    /// Summarises `values`; `None` when empty.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Some(Summary {
+            min: v[0],
+            p50: v[(v.len() - 1) / 2],
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+/// Reads `/proc/PID/status` fields (in KiB): VmRSS, RssAnon, RssFile, RssShmem.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((
+        field("VmRSS:")?,
+        field("RssAnon:")?,
+        field("RssFile:")?,
+        field("RssShmem:")?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_odd_and_even_samples() {
+        assert_eq!(
+            Summary::of(&[3.0, 1.0, 2.0]).unwrap(),
+            Summary {
+                min: 1.0,
+                p50: 2.0,
+                max: 3.0
+            }
+        );
+        assert_eq!(Summary::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().p50, 2.0);
+        assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn own_rss_is_readable() {
+        let (rss, anon, file, _) = rss_kib(std::process::id()).unwrap();
+        assert!(rss > 0 && anon + file <= rss + 1);
+    }
+}

@@ -1,0 +1,321 @@
+//! virtio-vsock with a Unix-socket host side (Firecracker convention).
+//!
+//! Host-initiated connections only: a host process connects to the Unix socket given to
+//! [`Vsock::new`] and writes `CONNECT <guest port>\n`. The device sends the guest an
+//! `OP_REQUEST` from host CID 2 and a freshly allocated host port; when the guest answers
+//! `OP_RESPONSE`, `OK <host port>\n` is written to the Unix stream, after which bytes flow both
+//! ways unchanged. If nothing listens on the guest port (`OP_RST`), the Unix stream is closed.
+//!
+//! Not supported (yet): guest-initiated connections (a guest `OP_REQUEST` is answered with
+//! `OP_RST`, so `connect()` in the guest fails), `SEQPACKET` sockets (the feature is not offered)
+//! and the event queue (its buffers are left untouched; a snapshot restore will need
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` there).
+
+mod connection;
+mod muxer;
+pub mod packet;
+
+use std::os::unix::io::RawFd;
+use std::path::Path;
+
+use event_manager::EventSet;
+use virtio_queue::{Queue, QueueOwnedT};
+use vm_memory::GuestMemoryMmap;
+
+use self::muxer::Muxer;
+use self::packet::{VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
+use super::chain::{self, ChainBuffers, Direction};
+use super::{
+    read_config_bytes, warn_limited, Error, Interrupt, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+
+pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
+pub use self::muxer::MAX_CONNECTIONS;
+
+/// Size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive (device → driver) queue.
+pub const RXQ: usize = 0;
+/// Index of the transmit (driver → device) queue.
+pub const TXQ: usize = 1;
+/// Index of the event queue.
+pub const EVQ: usize = 2;
+
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    irq: Interrupt,
+}
+
+/// The virtio-vsock device model (device id 19; queues rx, tx, event).
+pub struct Vsock {
+    guest_cid: u64,
+    acked_features: u64,
+    muxer: Muxer,
+    active: Option<Active>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("activated", &self.active.is_some())
+            .field("connections", &self.muxer.connection_count())
+            .finish()
+    }
+}
+
+impl Vsock {
+    /// Creates the device and binds a non-blocking Unix listener at `uds_path` (which must not
+    /// exist; it is removed again when the device is dropped). `guest_cid` must be in
+    /// `3..=0xffff_fffe`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, Error> {
+        if !(3..=0xffff_fffe).contains(&guest_cid) {
+            return Err(Error::InvalidCid(guest_cid));
+        }
+        Ok(Vsock {
+            guest_cid,
+            acked_features: 0,
+            muxer: Muxer::new(guest_cid, uds_path)?,
+            active: None,
+            scratch: vec![0; MAX_PKT_PAYLOAD],
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Number of open host connections (any state).
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Parses and dispatches one TX chain.
+    fn handle_tx_chain(
+        muxer: &mut Muxer,
+        mem: &GuestMemoryMmap,
+        scratch: &mut [u8],
+        guest_cid: u64,
+        bufs: &ChainBuffers,
+    ) -> Result<(), String> {
+        let mut raw = [0u8; HDR_SIZE];
+        if bufs.len() < HDR_SIZE {
+            return Err(format!(
+                "packet of {} bytes is shorter than the header",
+                bufs.len()
+            ));
+        }
+        bufs.read_at(mem, 0, &mut raw).map_err(|e| e.to_string())?;
+        let hdr = VsockHeader::from_bytes(&raw);
+        let len = hdr.len as usize;
+        if len > MAX_PKT_PAYLOAD || len > bufs.len() - HDR_SIZE {
+            return Err(format!(
+                "payload length {len} exceeds the buffer ({} bytes)",
+                bufs.len() - HDR_SIZE
+            ));
+        }
+        if hdr.src_cid != guest_cid || hdr.dst_cid != HOST_CID {
+            return Err(format!("bad CIDs {} -> {}", hdr.src_cid, hdr.dst_cid));
+        }
+        if hdr.type_ != TYPE_STREAM {
+            return Err(format!("unsupported socket type {}", hdr.type_));
+        }
+        let payload = &mut scratch[..len];
+        if bufs
+            .read_at(mem, HDR_SIZE, payload)
+            .map_err(|e| e.to_string())?
+            != len
+        {
+            return Err("short payload".into());
+        }
+        muxer.handle_guest_packet(&hdr, payload);
+        Ok(())
+    }
+
+    fn process_tx(&mut self) {
+        let Some(Active { mem, queues, irq }) = self.active.as_mut() else {
+            return;
+        };
+        let txq = &mut queues[TXQ];
+        let mut used_any = false;
+        let mut idle_rounds = 0;
+        loop {
+            let mut popped = false;
+            while let Some(c) = chain::pop_chain(txq, mem, irq) {
+                popped = true;
+                let head = c.head_index();
+                let res = ChainBuffers::from_chain(c, Direction::DeviceReadable)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bufs| {
+                        Self::handle_tx_chain(
+                            &mut self.muxer,
+                            mem,
+                            &mut self.scratch,
+                            self.guest_cid,
+                            &bufs,
+                        )
+                    });
+                if let Err(e) = res {
+                    warn_limited!("vsock: dropping malformed TX packet: {e}");
+                }
+                if !chain::add_used(txq, mem, head, 0, irq) {
+                    break;
+                }
+                used_any = true;
+            }
+            idle_rounds = if popped { 0 } else { idle_rounds + 1 };
+            if irq.needs_reset() || idle_rounds > 1 || !chain::enable_notification(txq, mem, irq) {
+                break;
+            }
+        }
+        if used_any {
+            chain::notify_used(txq, mem, irq);
+        }
+    }
+
+    /// Moves pending host → guest packets into RX buffers.
+    fn process_rx(&mut self) {
+        let Some(Active { mem, queues, irq }) = self.active.as_mut() else {
+            return;
+        };
+        let rxq = &mut queues[RXQ];
+        let mut used_any = false;
+        let mut retries = 0;
+        while self.muxer.has_rx() && !irq.needs_reset() {
+            let Some(c) = chain::pop_chain(rxq, mem, irq) else {
+                // Out of RX buffers: ask the guest to tell us when it adds some. If it did in
+                // the meantime, go on.
+                if retries < 2 && chain::enable_notification(rxq, mem, irq) {
+                    retries += 1;
+                    continue;
+                }
+                break;
+            };
+            retries = 0;
+            let head = c.head_index();
+            let bufs = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
+                Ok(b) if b.len() >= HDR_SIZE => b,
+                Ok(b) => {
+                    warn_limited!("vsock: RX buffer of {} bytes is too small", b.len());
+                    used_any |= chain::add_used(rxq, mem, head, 0, irq);
+                    continue;
+                }
+                Err(e) => {
+                    warn_limited!("vsock: dropping malformed RX buffer: {e}");
+                    used_any |= chain::add_used(rxq, mem, head, 0, irq);
+                    continue;
+                }
+            };
+            let max_payload = (bufs.len() - HDR_SIZE).min(MAX_PKT_PAYLOAD);
+            let Some((hdr, n)) = self.muxer.next_rx(max_payload, &mut self.scratch) else {
+                // Nothing to send after all: give the buffer back to the ring.
+                rxq.go_to_previous_position();
+                break;
+            };
+            let written = bufs
+                .write_at(mem, 0, &hdr.to_bytes())
+                .and_then(|_| bufs.write_at(mem, HDR_SIZE, &self.scratch[..n]));
+            if let Err(e) = written {
+                // Cannot happen for validated buffers; the packet is lost.
+                warn_limited!("vsock: writing an RX packet failed: {e}");
+            }
+            used_any |= chain::add_used(rxq, mem, head, (HDR_SIZE + n) as u32, irq);
+        }
+        if used_any {
+            chain::notify_used(rxq, mem, irq);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        warn_limited!("vsock: guest wrote to the read-only config space");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), Error> {
+        if self.active.is_some() {
+            return Err(Error::AlreadyActivated);
+        }
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(Error::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                actual: queues.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            irq: interrupt,
+        });
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.muxer.reset();
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        match index {
+            RXQ => self.process_rx(),
+            TXQ => {
+                self.process_tx();
+                self.process_rx();
+            }
+            // The device never sends events (yet); the guest's event buffers stay queued.
+            _ => {}
+        }
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        vec![self.muxer.epoll_fd()]
+    }
+
+    fn process_extra_fd(&mut self, _index: usize, _events: EventSet) {
+        self.muxer.process_host_events();
+        self.process_rx();
+    }
+
+    fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| &a.queues[..])
+    }
+}
+
+#[cfg(test)]
+mod tests;

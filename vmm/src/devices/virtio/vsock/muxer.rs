@@ -1,0 +1,321 @@
+//! Host side of the vsock device: the Unix listener, the connections and the list of
+//! connections that have packets for the guest.
+//!
+//! All host fds live in a private epoll set whose fd is the only one the event loop watches for
+//! this device (nested epoll, as in Firecracker). Registration changes can therefore happen
+//! anywhere the device lock is held (guest TX processing on the event loop, reset on a vCPU
+//! thread) without access to the event manager.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::connection::{Connection, State};
+use super::packet::{VsockHeader, HOST_CID, OP_RST, TYPE_STREAM};
+use crate::devices::virtio::{warn_limited, Error};
+
+/// Most simultaneous host connections (each may buffer up to `CONN_BUF_ALLOC` bytes).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most queued connection-less control packets (RST replies) before new ones are dropped.
+const MAX_RAW_PACKETS: usize = 1024;
+/// First host-side port handed out to connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// epoll token of the listener (connection tokens always have a nonzero id in the high half).
+const LISTENER_TOKEN: u64 = 0;
+const EPOLL_BATCH: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+enum RxItem {
+    /// A connection with `pending` packets: (local port, token).
+    Conn(u32, u64),
+    /// A stand-alone control packet.
+    Raw(VsockHeader),
+}
+
+/// The host side of the vsock device.
+#[derive(Debug)]
+pub(super) struct Muxer {
+    guest_cid: u64,
+    listener: UnixListener,
+    listener_paused: bool,
+    uds_path: PathBuf,
+    epoll: Epoll,
+    conns: HashMap<u32, Connection>,
+    rxq: VecDeque<RxItem>,
+    raw_count: usize,
+    next_port: u32,
+    next_id: u32,
+    events: Vec<EpollEvent>,
+}
+
+impl Muxer {
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, Error> {
+        let bind_err = |source| Error::Bind {
+            path: uds_path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        let setup = || -> Result<Epoll, Error> {
+            listener.set_nonblocking(true).map_err(bind_err)?;
+            let epoll = Epoll::new().map_err(Error::Epoll)?;
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    listener.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+                )
+                .map_err(Error::Epoll)?;
+            Ok(epoll)
+        };
+        let epoll = setup().inspect_err(|_| {
+            let _ = std::fs::remove_file(uds_path);
+        })?;
+        Ok(Muxer {
+            guest_cid,
+            listener,
+            listener_paused: false,
+            uds_path: uds_path.to_path_buf(),
+            epoll,
+            conns: HashMap::new(),
+            rxq: VecDeque::new(),
+            raw_count: 0,
+            next_port: FIRST_LOCAL_PORT,
+            next_id: 1,
+            events: vec![EpollEvent::default(); EPOLL_BATCH],
+        })
+    }
+
+    /// The epoll fd to watch for `EPOLLIN`.
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether packets wait for guest RX buffers.
+    pub fn has_rx(&self) -> bool {
+        !self.rxq.is_empty()
+    }
+
+    /// Handles whatever is ready on the host fds (never blocks).
+    pub fn process_host_events(&mut self) {
+        let n = match self.epoll.wait(0, &mut self.events) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn_limited!("vsock: epoll_wait failed: {e}");
+                }
+                return;
+            }
+        };
+        for i in 0..n {
+            let ev = self.events[i];
+            let token = ev.data();
+            if token == LISTENER_TOKEN {
+                self.accept_all();
+                continue;
+            }
+            let port = token as u32;
+            match self.conns.get_mut(&port) {
+                Some(conn) if conn.token == token => conn.handle_host_event(ev.event_set()),
+                // Stale event of a connection dropped earlier in this batch.
+                _ => continue,
+            }
+            self.after_change(port);
+        }
+    }
+
+    fn pause_listener(&mut self) {
+        if !self.listener_paused {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.listener.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            self.listener_paused = true;
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        if self.listener_paused {
+            let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+            if self
+                .epoll
+                .ctl(ControlOperation::Add, self.listener.as_raw_fd(), ev)
+                .is_ok()
+            {
+                self.listener_paused = false;
+            }
+        }
+    }
+
+    fn alloc_port(&mut self) -> Option<u32> {
+        for _ in 0..=MAX_CONNECTIONS {
+            let p = self.next_port;
+            // u32::MAX is VMADDR_PORT_ANY.
+            self.next_port = if p >= u32::MAX - 1 {
+                FIRST_LOCAL_PORT
+            } else {
+                p + 1
+            };
+            if !self.conns.contains_key(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // E.g. EMFILE: stop watching the listener (it would stay readable and make
+                    // the loop spin) until a connection goes away.
+                    warn_limited!("vsock: accept failed: {e}");
+                    self.pause_listener();
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNECTIONS {
+                warn_limited!("vsock: too many connections, refusing a host connection");
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let Some(port) = self.alloc_port() else {
+                continue;
+            };
+            let token = (u64::from(self.next_id) << 32) | u64::from(port);
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            self.conns
+                .insert(port, Connection::new(stream, token, port));
+            self.after_change(port);
+        }
+    }
+
+    /// Applies the consequences of a state change of connection `port`: drops it when it is
+    /// finished, fixes its epoll interest and queues it for RX if it has packets.
+    fn after_change(&mut self, port: u32) {
+        let Some(conn) = self.conns.get_mut(&port) else {
+            return;
+        };
+        if !conn.is_finished() {
+            if let Err(e) = conn.update_interest(&self.epoll) {
+                warn_limited!("vsock: epoll update failed: {e}");
+                conn.kill();
+            }
+        }
+        if conn.is_finished() {
+            conn.deregister(&self.epoll);
+            self.conns.remove(&port);
+            self.resume_listener();
+            return;
+        }
+        if conn.pending != 0 && !conn.in_rxq {
+            conn.in_rxq = true;
+            self.rxq.push_back(RxItem::Conn(port, conn.token));
+        }
+    }
+
+    fn push_rst_reply(&mut self, hdr: &VsockHeader) {
+        if self.raw_count >= MAX_RAW_PACKETS {
+            warn_limited!("vsock: too many queued resets, dropping one");
+            return;
+        }
+        self.raw_count += 1;
+        self.rxq.push_back(RxItem::Raw(VsockHeader {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }));
+    }
+
+    /// Handles a validated packet from the guest (CIDs and type already checked).
+    pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
+        let port = hdr.dst_port;
+        let known = self
+            .conns
+            .get(&port)
+            .is_some_and(|c| c.peer_port == hdr.src_port && c.state != State::AwaitConnectLine);
+        if !known {
+            // Includes guest-initiated connection requests, which are not supported (yet): the
+            // guest's connect() fails with ECONNRESET.
+            if hdr.op != OP_RST {
+                self.push_rst_reply(hdr);
+            }
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(&port) {
+            conn.handle_guest_packet(hdr, payload);
+        }
+        self.after_change(port);
+    }
+
+    /// Produces the next packet for the guest: header and payload length (payload at the start
+    /// of `buf`, at most `max_payload` bytes). `None` once nothing is pending.
+    pub fn next_rx(&mut self, max_payload: usize, buf: &mut [u8]) -> Option<(VsockHeader, usize)> {
+        while let Some(item) = self.rxq.pop_front() {
+            match item {
+                RxItem::Raw(h) => {
+                    self.raw_count -= 1;
+                    return Some((h, 0));
+                }
+                RxItem::Conn(port, token) => {
+                    let pkt = match self.conns.get_mut(&port) {
+                        Some(conn) if conn.token == token => {
+                            conn.in_rxq = false;
+                            conn.next_rx(max_payload, buf, self.guest_cid)
+                        }
+                        _ => continue,
+                    };
+                    self.after_change(port);
+                    if pkt.is_some() {
+                        return pkt;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Drops every connection (device reset): Unix peers see EOF.
+    pub fn reset(&mut self) {
+        for (_, mut conn) in self.conns.drain() {
+            conn.deregister(&self.epoll);
+        }
+        self.rxq.clear();
+        self.raw_count = 0;
+        self.resume_listener();
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}

@@ -1,0 +1,127 @@
+//! What a VMM process tells the process that started it: one JSON object
+//! per line on stdout. Times are `CLOCK_MONOTONIC` in microseconds, the same
+//! clock in every process, so the caller can line them up with its own.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest shut down or rebooted (i8042 reset, agent `shutdown`, `poweroff`).
+    Shutdown,
+    /// The guest kernel panicked.
+    Panic,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// KVM could not emulate a guest instruction.
+    EmulationFailure,
+    /// Any other KVM or VMM failure.
+    Error,
+}
+
+impl ExitReason {
+    /// The VMM process's exit code for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::Shutdown => 0,
+            ExitReason::Panic => 2,
+            ExitReason::TripleFault | ExitReason::EmulationFailure => 3,
+            ExitReason::Error => 1,
+        }
+    }
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The VMM process is running (first thing in `main`).
+    Started {
+        /// Time.
+        t_us: u64,
+    },
+    /// vCPU 0 is about to enter the guest for the first time.
+    VcpuRunning {
+        /// Time.
+        t_us: u64,
+    },
+    /// The agent announced itself on the console: the kernel reached /init.
+    AgentStart {
+        /// Time.
+        t_us: u64,
+    },
+    /// The agent listens on vsock.
+    AgentReady {
+        /// Time.
+        t_us: u64,
+    },
+    /// The VM ended; the process exits right after.
+    Exit {
+        /// Time.
+        t_us: u64,
+        /// Why.
+        reason: ExitReason,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Microseconds of `CLOCK_MONOTONIC`.
+pub fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for clock_gettime.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// Writes events, one line each, to a shared writer.
+pub struct EventSink {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl EventSink {
+    /// Events go to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        EventSink {
+            out: Mutex::new(out),
+        }
+    }
+
+    /// Emits one event; a closed reader is not an error for the VM.
+    pub fn emit(&self, event: &Event) {
+        if let Ok(mut line) = serde_json::to_vec(event) {
+            line.push(b'\n');
+            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = out.write_all(&line);
+            let _ = out.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_tagged_json_lines() {
+        let e = Event::Exit {
+            t_us: 5,
+            reason: ExitReason::Panic,
+            message: "x".into(),
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"event":"exit","t_us":5,"reason":"panic","message":"x"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
+        assert!(now_us() > 0);
+    }
+}

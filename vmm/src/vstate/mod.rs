@@ -1,0 +1,5 @@
+//! KVM objects: the VM (memory slots, irqchip, PIT) and its vCPUs.
+
+pub mod cpuid;
+pub mod vcpu;
+pub mod vm;
