@@ -16,7 +16,7 @@ as_root() {
 # Debian packages the project needs: kernel build, guest image, peer, tools.
 ZYGOTE_DEB_PACKAGES=(
     linux-source-6.1 build-essential flex bison bc libelf-dev cpio xz-utils
-    busybox-static qemu-system-x86 iproute2
+    busybox-static qemu-system-x86 iproute2 python3
 )
 
 # Installs the Debian packages that are missing; a no-op when all are there.

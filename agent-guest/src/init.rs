@@ -12,8 +12,8 @@ use crate::sys::{self, cvt};
 const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
 
 /// Writes the start marker; if there is no console on fd 1 (the initramfs
-/// lacked /dev/console), mounts devtmpfs, opens /dev/console as fds 0-2
-/// and writes it there.
+/// lacked /dev/console), mounts devtmpfs, opens /dev/console (or, failing
+/// that, /dev/null) as fds 0-2 and writes it there.
 pub fn start_console() {
     if sys::console_line(proto::START_MARKER).is_ok() {
         return;
@@ -25,20 +25,25 @@ pub fn start_console() {
         libc::MS_NOSUID,
         Some(c"mode=0755"),
     );
-    if let Ok(console) = sys::open(c"/dev/console", libc::O_RDWR | libc::O_NOCTTY) {
-        let fd = console.into_raw_fd();
-        for target in 0..3 {
-            if fd != target {
-                // SAFETY: dup2 takes no pointers.
-                unsafe { libc::dup2(fd, target) };
-            }
+    // Without a console, /dev/null: fds 0-2 must be taken, or pipes made
+    // later would land there and be clobbered when commands get their stdio.
+    let Ok(console) = sys::open(c"/dev/console", libc::O_RDWR | libc::O_NOCTTY)
+        .or_else(|_| sys::open(c"/dev/null", libc::O_RDWR))
+    else {
+        return;
+    };
+    let fd = console.into_raw_fd();
+    for target in 0..3 {
+        if fd != target {
+            // SAFETY: dup2 takes no pointers.
+            unsafe { libc::dup2(fd, target) };
         }
-        if fd > 2 {
-            // SAFETY: `fd` is ours and no longer used.
-            unsafe { libc::close(fd) };
-        }
-        let _ = sys::console_line(proto::START_MARKER);
     }
+    if fd > 2 {
+        // SAFETY: `fd` is ours and no longer used.
+        unsafe { libc::close(fd) };
+    }
+    let _ = sys::console_line(proto::START_MARKER);
 }
 
 /// Mounts `fstype` on `target`, creating `target` if missing; "already
@@ -145,7 +150,7 @@ extern "C" fn on_power_signal(_sig: libc::c_int) {
 /// Handlers rather than blocking the signals and a sigwait thread: the
 /// signal mask is inherited by threads and spawned commands, and a handler
 /// costs no thread. Handlers are reset to the default in spawned commands
-/// (by exec, and by glibc's posix_spawn before it).
+/// (by exec, and explicitly by the spawn code before it).
 fn install_power_signals() {
     for sig in [libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2] {
         // SAFETY: a zeroed sigaction is valid; the handler has the

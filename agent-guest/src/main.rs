@@ -8,8 +8,8 @@
 //! Guest kernel code is emulated and slow (a syscall ~0.5 ms), guest user
 //! code is native: the agent avoids syscalls above all. It has no Rust
 //! runtime start-up (`no_main`: no fd sanitizing, no stack-overflow
-//! handler, hence no per-thread signal stacks), spawns with `posix_spawn`
-//! (no fork), answers Ping in-process with one read and one write, and
+//! handler, hence no per-thread signal stacks), spawns with
+//! `clone(CLONE_VM|CLONE_VFORK)` + `execve` (no fork), answers Ping in-process with one read and one write, and
 //! multiplexes a command's pipes with `poll` in the connection's thread.
 //!
 //! Runs on a development host too (not as PID 1: no mounts, no reboot),

@@ -40,7 +40,7 @@ pub enum SpawnError {
     Invalid(String),
     /// `argv[0]` is not in PATH.
     NotFound(String),
-    /// An OS error (from the lookup, the pipes or `posix_spawn`).
+    /// An OS error (from the lookup, the pipes, the clone or the exec).
     Os {
         /// The errno.
         errno: i32,
@@ -72,7 +72,7 @@ pub fn errno_code(errno: i32) -> ErrorCode {
     }
 }
 
-/// A validated request, converted to what `posix_spawn` takes.
+/// A validated request, converted to what `execve` takes.
 #[derive(Debug)]
 pub struct Prepared {
     /// The program to execute, resolved against PATH.
