@@ -234,6 +234,7 @@ fn cli_refuses_bad_input_with_one_line_and_leaves_nothing() {
             "more than this host has",
         ),
         (vec!["--kernel", &kernel, "--vcpus", "0"], "vCPU count"),
+        (vec!["--boot-timeout", "1"], "was not ready within 1s"),
     ];
     for (flags, expect) in cases {
         let mut args = vec!["run"];

@@ -156,9 +156,9 @@ impl<'a> Guest<'a> {
     fn new(m: &'a GuestMemoryMmap, layout: RxLayout) -> Self {
         Guest {
             m,
-            rx: DriverQueue::new(m, RXQ_ADDR, 256),
-            tx: DriverQueue::new(m, TXQ_ADDR, 256),
-            ev: DriverQueue::new(m, EVQ_ADDR, 256),
+            rx: DriverQueue::new(m, RXQ_ADDR, RX_QUEUE_SIZE),
+            tx: DriverQueue::new(m, TXQ_ADDR, QUEUE_SIZE),
+            ev: DriverQueue::new(m, EVQ_ADDR, EVENT_QUEUE_SIZE),
             layout,
             event_idx: false,
             rx_free: (0..RX_SLOT_COUNT)
@@ -391,7 +391,10 @@ fn rejects_reserved_cids_and_reports_config() {
     }
     let dev = Vsock::new(0x1234_5678, &path).unwrap();
     assert_eq!(dev.device_type(), 19);
-    assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
+    assert_eq!(
+        dev.queue_max_sizes(),
+        &[RX_QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE]
+    );
     let mut lo = [0u8; 4];
     dev.read_config(0, &mut lo);
     assert_eq!(u32::from_le_bytes(lo), 0x1234_5678);
@@ -1000,12 +1003,13 @@ fn driver_init(t: &mut MmioTransport, g: &Guest) {
     t.read(0x100, &mut cid[..4]);
     t.read(0x104, &mut cid[4..]);
     assert_eq!(u64::from_le_bytes(cid), GUEST_CID);
+    let sizes = [RX_QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE];
     for (i, q) in [&g.rx, &g.tx, &g.ev].iter().enumerate() {
         let (d, a, u) = q.addrs();
         mmio_write(t, 0x30, i as u32);
         assert_eq!(mmio_read(t, 0x44), 0);
-        assert_eq!(mmio_read(t, 0x34), 256);
-        mmio_write(t, 0x38, 256);
+        assert_eq!(mmio_read(t, 0x34), u32::from(sizes[i]));
+        mmio_write(t, 0x38, u32::from(sizes[i]));
         mmio_write(t, 0x80, d as u32);
         mmio_write(t, 0x84, (d >> 32) as u32);
         mmio_write(t, 0x90, a as u32);
@@ -1112,10 +1116,9 @@ fn no_busy_loop_without_rx_buffers() {
         }
         d.pump(1);
     }
-    assert!(
-        sent > RX_SLOT_COUNT as usize * 4096,
-        "only {sent} bytes written"
-    );
+    // More than the posted RX buffers can hold (split layout: 2 descriptors each).
+    let posted = usize::from(RX_QUEUE_SIZE) / 2;
+    assert!(sent > posted * 4096, "only {sent} bytes written");
     // Every RX buffer is used, the stream still has data, and the epoll fd is quiet: the
     // connection waits for RX buffers, not for EPOLLIN.
     assert!(!poll_in(d.dev.extra_fds()[0], 50));
