@@ -291,6 +291,39 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// What an activated device works with: guest memory, its queues and its
+/// interrupt. Shared by the device models so that activation is checked the
+/// same way everywhere.
+pub(crate) struct Active {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) queues: Vec<Queue>,
+    pub(crate) irq: Interrupt,
+}
+
+impl Active {
+    /// Activates `slot` with `queues`, refusing a second activation or a
+    /// queue count other than `expected`.
+    pub(crate) fn install(
+        slot: &mut Option<Active>,
+        expected: usize,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: Interrupt,
+    ) -> Result<(), Error> {
+        if slot.is_some() {
+            return Err(Error::AlreadyActivated);
+        }
+        if queues.len() != expected {
+            return Err(Error::QueueCount {
+                expected,
+                actual: queues.len(),
+            });
+        }
+        *slot = Some(Active { mem, queues, irq });
+        Ok(())
+    }
+}
+
 /// Copies `data.len()` bytes at `offset` out of a configuration space, zero-filling whatever lies
 /// outside of it.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

@@ -6,6 +6,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::{self, ChainBuffers, Direction};
+use super::Active;
 use super::{
     warn_limited, Error, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -17,12 +18,6 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
 
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
-
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    irq: Interrupt,
-}
 
 /// The virtio-rng device model (device id 4, one queue).
 pub struct Rng {
@@ -161,21 +156,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), Error> {
-        if self.active.is_some() {
-            return Err(Error::AlreadyActivated);
-        }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(Error::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            irq: interrupt,
-        });
-        Ok(())
+        Active::install(&mut self.active, QUEUE_SIZES.len(), mem, queues, interrupt)
     }
 
     fn is_activated(&self) -> bool {

@@ -25,6 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use self::muxer::Muxer;
 use self::packet::{VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
 use super::chain::{self, ChainBuffers, Direction};
+use super::Active;
 use super::{
     read_config_bytes, warn_limited, Error, Interrupt, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -50,12 +51,6 @@ pub const TXQ: usize = 1;
 pub const EVQ: usize = 2;
 
 const QUEUE_SIZES: [u16; 3] = [RX_QUEUE_SIZE, QUEUE_SIZE, EVENT_QUEUE_SIZE];
-
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    irq: Interrupt,
-}
 
 /// The virtio-vsock device model (device id 19; queues rx, tx, event).
 pub struct Vsock {
@@ -271,21 +266,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), Error> {
-        if self.active.is_some() {
-            return Err(Error::AlreadyActivated);
-        }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(Error::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                actual: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            irq: interrupt,
-        });
-        Ok(())
+        Active::install(&mut self.active, QUEUE_SIZES.len(), mem, queues, interrupt)
     }
 
     fn is_activated(&self) -> bool {
