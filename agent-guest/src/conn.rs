@@ -19,7 +19,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use proto::{
-    frame_header, parse_frame, AgentFrame, ErrorCode, ExecRequest, ExitStatus, FrameKind,
+    frame_header, parse_frame, AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, FrameKind,
     HostFrame, ProtoError, Request, Response, HEADER_LEN, PROTOCOL_VERSION,
 };
 

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use proto::{AgentFrame, ErrorCode, ExecRequest, ExitStatus, HostFrame, Request, Response};
+use proto::{AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, HostFrame, Request, Response};
 
 use crate::conn::{serve, Agent};
 use crate::reaper::Reaper;

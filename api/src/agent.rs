@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use proto::{
-    AgentFrame, ErrorCode, ExecRequest, ExitStatus, HostFrame, ProtoError, Request, Response,
+    AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, HostFrame, ProtoError, Request, Response,
 };
 
 use crate::vm::{connect_vsock, VmError};

@@ -223,6 +223,44 @@ fn encode_json(msg: &impl Serialize) -> Result<Vec<u8>, ProtoError> {
     Ok(buf)
 }
 
+/// What both directions' frames can do. Implementors give decoding from a
+/// validated raw frame and encoding; reading, writing and buffer decoding
+/// come with the trait.
+pub trait Frame: Sized {
+    /// Decodes a frame whose length and kind were already validated.
+    fn from_raw(raw: RawFrame<'_>) -> Result<Self, ProtoError>;
+
+    /// The frame as bytes: header and payload in one buffer.
+    fn encode(&self) -> Result<Vec<u8>, ProtoError>;
+
+    /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete,
+    /// else the frame and the number of bytes it took.
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, ProtoError> {
+        match parse_frame(buf)? {
+            None => Ok(None),
+            Some((raw, used)) => Ok(Some((Self::from_raw(raw)?, used))),
+        }
+    }
+
+    /// Writes the frame with a single `write_all`.
+    fn write_to(&self, w: &mut impl Write) -> Result<(), ProtoError> {
+        w.write_all(&self.encode()?)?;
+        Ok(())
+    }
+
+    /// Reads one frame; `Ok(None)` on end of stream at a frame boundary.
+    fn read_from(r: &mut impl Read) -> Result<Option<Self>, ProtoError> {
+        match read_raw(r)? {
+            None => Ok(None),
+            Some((kind, payload)) => Self::from_raw(RawFrame {
+                kind,
+                payload: &payload,
+            })
+            .map(Some),
+        }
+    }
+}
+
 /// A frame from the host to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostFrame {
@@ -232,9 +270,8 @@ pub enum HostFrame {
     Stdin(Vec<u8>),
 }
 
-impl HostFrame {
-    /// Decodes a frame whose length and kind were already validated.
-    pub fn from_raw(raw: RawFrame<'_>) -> Result<Self, ProtoError> {
+impl Frame for HostFrame {
+    fn from_raw(raw: RawFrame<'_>) -> Result<Self, ProtoError> {
         match raw.kind {
             FrameKind::Control => Ok(Self::Request(
                 serde_json::from_slice(raw.payload).map_err(ProtoError::BadJson)?,
@@ -244,38 +281,10 @@ impl HostFrame {
         }
     }
 
-    /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete,
-    /// else the frame and the number of bytes it took.
-    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, ProtoError> {
-        match parse_frame(buf)? {
-            None => Ok(None),
-            Some((raw, used)) => Ok(Some((Self::from_raw(raw)?, used))),
-        }
-    }
-
-    /// The frame as bytes: header and payload in one buffer.
-    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+    fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         match self {
             Self::Request(req) => encode_json(req),
             Self::Stdin(data) => encode_bytes(FrameKind::Stdin, data),
-        }
-    }
-
-    /// Writes the frame with a single `write_all`.
-    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtoError> {
-        w.write_all(&self.encode()?)?;
-        Ok(())
-    }
-
-    /// Reads one frame; `Ok(None)` on end of stream at a frame boundary.
-    pub fn read_from(r: &mut impl Read) -> Result<Option<Self>, ProtoError> {
-        match read_raw(r)? {
-            None => Ok(None),
-            Some((kind, payload)) => Self::from_raw(RawFrame {
-                kind,
-                payload: &payload,
-            })
-            .map(Some),
         }
     }
 }
@@ -291,9 +300,8 @@ pub enum AgentFrame {
     Stderr(Vec<u8>),
 }
 
-impl AgentFrame {
-    /// Decodes a frame whose length and kind were already validated.
-    pub fn from_raw(raw: RawFrame<'_>) -> Result<Self, ProtoError> {
+impl Frame for AgentFrame {
+    fn from_raw(raw: RawFrame<'_>) -> Result<Self, ProtoError> {
         match raw.kind {
             FrameKind::Control => Ok(Self::Response(
                 serde_json::from_slice(raw.payload).map_err(ProtoError::BadJson)?,
@@ -304,39 +312,11 @@ impl AgentFrame {
         }
     }
 
-    /// Decodes the first frame of `buf`: `Ok(None)` while it is incomplete,
-    /// else the frame and the number of bytes it took.
-    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, ProtoError> {
-        match parse_frame(buf)? {
-            None => Ok(None),
-            Some((raw, used)) => Ok(Some((Self::from_raw(raw)?, used))),
-        }
-    }
-
-    /// The frame as bytes: header and payload in one buffer.
-    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+    fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         match self {
             Self::Response(resp) => encode_json(resp),
             Self::Stdout(data) => encode_bytes(FrameKind::Stdout, data),
             Self::Stderr(data) => encode_bytes(FrameKind::Stderr, data),
-        }
-    }
-
-    /// Writes the frame with a single `write_all`.
-    pub fn write_to(&self, w: &mut impl Write) -> Result<(), ProtoError> {
-        w.write_all(&self.encode()?)?;
-        Ok(())
-    }
-
-    /// Reads one frame; `Ok(None)` on end of stream at a frame boundary.
-    pub fn read_from(r: &mut impl Read) -> Result<Option<Self>, ProtoError> {
-        match read_raw(r)? {
-            None => Ok(None),
-            Some((kind, payload)) => Self::from_raw(RawFrame {
-                kind,
-                payload: &payload,
-            })
-            .map(Some),
         }
     }
 }
