@@ -34,6 +34,18 @@ struct VmArgs {
     boot_timeout: u64,
 }
 
+impl VmArgs {
+    fn spec(&self, console: bool) -> Result<api::vm::VmSpec, api::vm::VmError> {
+        api::run::spec(
+            self.kernel.as_deref(),
+            self.rootfs.as_deref(),
+            self.memory,
+            self.vcpus,
+            console,
+        )
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Boot a fresh microVM, run CMD in it, shut it down; exits with CMD's code.
@@ -98,13 +110,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             timings,
             cmd,
         } => {
-            let spec = api::run::spec(
-                vm.kernel.as_deref(),
-                vm.rootfs.as_deref(),
-                vm.memory,
-                vm.vcpus,
-                console,
-            )?;
+            let spec = vm.spec(console)?;
             let opts = api::run::RunOptions {
                 spec,
                 boot_timeout: Duration::from_secs(vm.boot_timeout),
@@ -122,13 +128,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     json,
                 },
         } => {
-            let spec = api::run::spec(
-                vm.kernel.as_deref(),
-                vm.rootfs.as_deref(),
-                vm.memory,
-                vm.vcpus,
-                false,
-            )?;
+            let spec = vm.spec(false)?;
             let report = api::bench::bench_boot(
                 &spec,
                 count.max(1),
