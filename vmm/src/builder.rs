@@ -19,6 +19,7 @@ use crate::devices::virtio::{MmioTransport, Rng, Vsock};
 use crate::events::{now_us, Event, EventSink, ExitReason};
 use crate::layout::*;
 use crate::memory;
+use crate::vstate::control::RunControl;
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuStop};
 use crate::vstate::vm;
 
@@ -319,13 +320,11 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
         ConsoleSink::new(console_out, console_state.clone(), events.clone()),
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(RunControl::default());
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
-    let reset_stop = stop.clone();
-    let i8042 = I8042::new(FnTrigger(Arc::new(move || {
-        reset_stop.store(true, Ordering::Release)
-    })));
+    let reset_control = control.clone();
+    let i8042 = I8042::new(FnTrigger(Arc::new(move || reset_control.stop())));
 
     let bus = Arc::new(DeviceBus {
         serial: Mutex::new(serial),
@@ -357,7 +356,7 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
     let mut threads = Vec::new();
     for mut vcpu in vcpus {
         let bus = bus.clone();
-        let stop = stop.clone();
+        let control = control.clone();
         let first_stop = first_stop.clone();
         let exit_evt = exit_evt
             .try_clone()
@@ -369,9 +368,9 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
                 if vcpu.index() == 0 {
                     events.emit(&Event::VcpuRunning { t_us: now_us() });
                 }
-                let why = vcpu.run(bus.as_ref(), &stop);
+                let why = vcpu.run(bus.as_ref(), &control);
                 let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(0);
-                stop.store(true, Ordering::Release);
+                control.stop();
                 let mut first = first_stop.lock().unwrap_or_else(|e| e.into_inner());
                 if first.is_none() {
                     *first = Some(match why {

@@ -1,11 +1,11 @@
 //! vCPUs: boot-time register state and the run loop (one thread each).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::control::RunControl;
+use super::state::VcpuState;
 use crate::layout::*;
 
 /// Errors configuring or running a vCPU.
@@ -260,11 +260,21 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Runs the guest until it stops or `stop` is set; device accesses go to `bus`.
-    pub fn run(&mut self, bus: &dyn Bus, stop: &AtomicBool) -> VcpuStop {
+    /// Runs the guest until it stops or `control` stops it; parks (and
+    /// saves its state, when asked) whenever `control` pauses the VM.
+    /// Device accesses go to `bus`.
+    pub fn run(&mut self, bus: &dyn Bus, control: &RunControl) -> VcpuStop {
         loop {
-            if stop.load(Ordering::Acquire) {
+            if control.is_stopped() {
                 return VcpuStop::Stopped;
+            }
+            if control.pause_requested() {
+                self.complete_pending_io();
+                let (fd, index) = (&self.fd, self.index);
+                control.park(index, |msrs| {
+                    VcpuState::save(fd, index, msrs).map_err(|e| e.to_string())
+                });
+                continue;
             }
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
@@ -287,6 +297,15 @@ impl Vcpu {
                 Err(e) => return VcpuStop::Error(format!("KVM_RUN failed: {e}")),
             }
         }
+    }
+
+    /// Lets KVM finish an I/O read it handed us (the value we filled in is
+    /// consumed on the next `KVM_RUN`) without running the guest further,
+    /// so that no exit is lost from a saved state.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn internal_error(&mut self) -> VcpuStop {
