@@ -13,7 +13,7 @@
 use std::os::unix::io::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -86,6 +86,83 @@ pub struct MmioRegisters {
     pub status: u32,
     /// `SHMSel`.
     pub shm_sel: u32,
+}
+
+/// A queue's configuration and ring positions, serializable
+/// (`virtio_queue::QueueState` is not). Untrusted when read back: it goes
+/// through `Queue::try_from`, which validates it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Next available-ring entry the device reads.
+    pub next_avail: u16,
+    /// Next used-ring entry the device writes.
+    pub next_used: u16,
+    /// `VIRTIO_RING_F_EVENT_IDX` in use.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// `QueueReady`.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+/// Everything a transport and its device's queues hold, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioState {
+    /// The device type the state belongs to.
+    pub device_type: u32,
+    /// Transport registers.
+    pub regs: MmioRegisters,
+    /// Queues as programmed through the registers.
+    pub queues: Vec<QueueSnapshot>,
+    /// The activated device's live queues (their ring positions are the
+    /// ones that count); `None` when the device was not activated.
+    pub active_queues: Option<Vec<QueueSnapshot>>,
+    /// Interrupt status bits.
+    pub interrupt_status: u32,
+    /// Config generation.
+    pub config_generation: u32,
+    /// `DEVICE_NEEDS_RESET` was set.
+    pub needs_reset: bool,
 }
 
 /// A virtio-mmio (version 2) transport for one [`VirtioDevice`].
@@ -168,6 +245,93 @@ impl MmioTransport {
     /// Whether the driver has set `DRIVER_OK` and the device was activated.
     pub fn is_activated(&self) -> bool {
         self.device.is_activated()
+    }
+
+    /// The transport's and its device's queue state, for a snapshot. The
+    /// device must be quiescent (vCPUs paused, event loop not inside it).
+    pub fn save_state(&self) -> MmioState {
+        let active = self.device.queues();
+        MmioState {
+            device_type: self.device.device_type(),
+            regs: self.regs,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            active_queues: (self.device.is_activated() && !active.is_empty())
+                .then(|| active.iter().map(|q| q.state().into()).collect()),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            needs_reset: self.interrupt.needs_reset(),
+        }
+    }
+
+    /// Rebuilds a transport around a fresh `device` from a saved state,
+    /// re-activating the device where it was active. The state is untrusted:
+    /// a device type, queue count, feature set or queue that does not fit
+    /// is an error, not a panic.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        state: &MmioState,
+    ) -> Result<Self, Error> {
+        if state.device_type != device.device_type() {
+            return Err(Error::Restore(format!(
+                "state of device type {} given to device type {}",
+                state.device_type,
+                device.device_type()
+            )));
+        }
+        let mut t = Self::new(device, mem)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(Error::QueueCount {
+                expected: t.queues.len(),
+                actual: state.queues.len(),
+            });
+        }
+        let queue = |i: usize, s: &QueueSnapshot, max: u16| -> Result<Queue, Error> {
+            if s.max_size != max {
+                return Err(Error::InvalidQueue(i));
+            }
+            Queue::try_from(QueueState::from(*s)).map_err(|_| Error::InvalidQueue(i))
+        };
+        let max_sizes = t.device.queue_max_sizes().to_vec();
+        for (i, s) in state.queues.iter().enumerate() {
+            t.queues[i] = queue(i, s, max_sizes[i])?;
+        }
+        t.regs = state.regs;
+        if t.regs.status & STATUS_FEATURES_OK != 0 {
+            let offered = t.device.avail_features();
+            if t.regs.driver_features & !offered != 0 {
+                return Err(Error::Restore(format!(
+                    "saved features {:#x} include some the device does not offer ({offered:#x})",
+                    t.regs.driver_features
+                )));
+            }
+            t.device.ack_features(t.regs.driver_features);
+        }
+        if let Some(active) = &state.active_queues {
+            if active.len() != max_sizes.len() {
+                return Err(Error::QueueCount {
+                    expected: max_sizes.len(),
+                    actual: active.len(),
+                });
+            }
+            let mut queues = Vec::with_capacity(active.len());
+            for (i, s) in active.iter().enumerate() {
+                let q = queue(i, s, max_sizes[i])?;
+                if !q.ready() || !q.is_valid(&t.mem) {
+                    return Err(Error::InvalidQueue(i));
+                }
+                queues.push(q);
+            }
+            t.device
+                .activate(t.mem.clone(), queues, t.interrupt.clone())?;
+            t.device.restored();
+        }
+        t.interrupt.restore(
+            state.interrupt_status,
+            state.config_generation,
+            state.needs_reset,
+        );
+        Ok(t)
     }
 
     fn selected_queue(&self) -> Option<&Queue> {
@@ -485,6 +649,7 @@ mod tests {
         processed: Arc<Mutex<Vec<usize>>>,
         config: [u8; 8],
         resets: Arc<Mutex<u32>>,
+        queues: Vec<Queue>,
     }
 
     impl VirtioDevice for Dummy {
@@ -517,13 +682,18 @@ mod tests {
         ) -> Result<(), Error> {
             assert_eq!(queues.len(), 2);
             self.activated = true;
+            self.queues = queues;
             Ok(())
+        }
+        fn queues(&self) -> &[Queue] {
+            &self.queues
         }
         fn is_activated(&self) -> bool {
             self.activated
         }
         fn reset(&mut self) {
             self.activated = false;
+            self.queues.clear();
             *self.resets.lock().unwrap() += 1;
         }
         fn process_queue(&mut self, index: usize) {
@@ -676,6 +846,56 @@ mod tests {
         w(&mut t, REG_STATUS, 0);
         w(&mut t, REG_DRIVER_FEATURES, 1);
         assert_eq!(t.registers().driver_features, 0);
+    }
+
+    #[test]
+    fn state_survives_save_serialize_restore_and_bad_state_is_refused() {
+        let m = mem();
+        let (mut t, _) = transport();
+        let v1 = 1u64 << VIRTIO_F_VERSION_1;
+        negotiate(&mut t, v1 | 1);
+        setup_queue(&mut t, 0, &DriverQueue::new(&m, 0x10000, 16));
+        setup_queue(&mut t, 1, &DriverQueue::new(&m, 0x20000, 8));
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        w(&mut t, REG_STATUS, ok);
+        assert!(t.is_activated());
+        let saved = t.save_state();
+        assert!(saved.active_queues.is_some());
+        let json = serde_json::to_vec(&saved).unwrap();
+        let back: MmioState = serde_json::from_slice(&json).unwrap();
+
+        let d = Dummy::default();
+        let acked = d.acked.clone();
+        let mut restored = MmioTransport::restore(Box::new(d), mem(), &back).unwrap();
+        assert!(restored.is_activated());
+        assert_eq!(*acked.lock().unwrap(), v1 | 1);
+        assert_eq!(restored.save_state(), saved);
+        assert_eq!(r(&mut restored, REG_STATUS), ok);
+        w(&mut restored, REG_QUEUE_SEL, 1);
+        assert_eq!(r(&mut restored, REG_QUEUE_READY), 1);
+
+        // Untrusted state: each bad field is an error, not a panic.
+        let mut bad = saved.clone();
+        bad.device_type = 7;
+        assert!(matches!(
+            MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad),
+            Err(Error::Restore(_))
+        ));
+        let mut bad = saved.clone();
+        bad.queues.pop();
+        assert!(MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad).is_err());
+        let mut bad = saved.clone();
+        bad.active_queues.as_mut().unwrap()[0].desc_table = u64::MAX - 8;
+        assert!(MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad).is_err());
+        let mut bad = saved.clone();
+        bad.active_queues.as_mut().unwrap()[1].size = 3;
+        assert!(MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad).is_err());
+        let mut bad = saved.clone();
+        bad.regs.driver_features |= 1 << 40;
+        assert!(matches!(
+            MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad),
+            Err(Error::Restore(_))
+        ));
     }
 
     #[test]

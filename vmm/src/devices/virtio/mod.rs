@@ -99,6 +99,9 @@ pub enum Error {
     /// The device was activated twice without a reset in between.
     #[error("device is already activated")]
     AlreadyActivated,
+    /// A saved device state does not fit this device.
+    #[error("cannot restore the device: {0}")]
+    Restore(String),
     /// A descriptor chain put into a queue by the guest is malformed.
     #[error("malformed descriptor chain: {0}")]
     Descriptor(#[from] DescriptorError),
@@ -225,6 +228,20 @@ impl Interrupt {
         self.inner.status.store(0, Ordering::SeqCst);
         self.inner.needs_reset.store(false, Ordering::SeqCst);
     }
+
+    /// Sets the saved status bits, config generation and reset flag of a
+    /// restored device (without signalling: the restored guest state
+    /// already reflects any interrupt that was raised).
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.inner.status.store(
+            status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG),
+            Ordering::SeqCst,
+        );
+        self.inner
+            .config_generation
+            .store(config_generation, Ordering::SeqCst);
+        self.inner.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
 }
 
 /// A virtio device model driven by a transport (see [`mmio::MmioTransport`]).
@@ -289,6 +306,11 @@ pub trait VirtioDevice: Send {
     fn queues(&self) -> &[Queue] {
         &[]
     }
+
+    /// Called once after the device was re-activated from a snapshot, in
+    /// the new process: state the device could not carry over (host
+    /// connections, say) is reset here, and the guest told if it must be.
+    fn restored(&mut self) {}
 }
 
 /// What an activated device works with: guest memory, its queues and its

@@ -303,7 +303,34 @@ impl VirtioDevice for Vsock {
     fn queues(&self) -> &[Queue] {
         self.active.as_ref().map_or(&[], |a| &a.queues[..])
     }
+
+    /// Host connections do not survive into a restored VM: tell the guest
+    /// with a transport reset event, so that it drops its connections
+    /// (listening sockets stay) and re-reads the guest CID.
+    fn restored(&mut self) {
+        self.muxer.reset();
+        let Some(Active { mem, queues, irq }) = self.active.as_mut() else {
+            return;
+        };
+        let evq = &mut queues[EVQ];
+        let Some(c) = chain::pop_chain(evq, mem, irq) else {
+            warn_limited!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = c.head_index();
+        let len = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
+            Ok(b) if b.len() >= 4 => b
+                .write_at(mem, 0, &VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes())
+                .unwrap_or(0),
+            Ok(_) | Err(_) => 0,
+        };
+        chain::add_used(evq, mem, head, len as u32, irq);
+        irq.signal_used_queue();
+    }
 }
+
+/// The only vsock event: the transport was reset (e.g. after a restore).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 #[cfg(test)]
 mod tests;

@@ -1191,3 +1191,29 @@ fn concurrent_connections_do_not_mix() {
         drop(w.join().unwrap());
     }
 }
+
+#[test]
+fn restore_tells_the_guest_its_transport_was_reset() {
+    let m = mem();
+    let path = sock_path("restored");
+    let mut g = Guest::new(&m, RxLayout::Split);
+    // The driver posts an event buffer, as Linux does at probe.
+    const EV_BUF: u64 = 0x3f_0000;
+    g.ev.add_chain(&[(EV_BUF, 8, true)]);
+    m.write_obj(0xffff_ffffu32, GuestAddress(EV_BUF)).unwrap();
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    let irq = Interrupt::new().unwrap();
+    dev.activate(m.clone(), g.queues(), irq.clone()).unwrap();
+    dev.restored();
+    let (_, len) = g.ev.pop_used().expect("an event was delivered");
+    assert_eq!(len, 4);
+    let id: u32 = m.read_obj(GuestAddress(EV_BUF)).unwrap();
+    assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    assert_ne!(
+        irq.status() & crate::devices::virtio::VIRTIO_MMIO_INT_VRING,
+        0
+    );
+    // Without an event buffer, nothing breaks.
+    dev.restored();
+    assert!(g.ev.pop_used().is_none());
+}
