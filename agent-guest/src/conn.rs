@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use proto::{
     frame_header, parse_frame, AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, FrameKind,
-    HostFrame, ProtoError, Request, Response, HEADER_LEN, PROTOCOL_VERSION,
+    HostFrame, Identity, ProtoError, Request, Response, HEADER_LEN, PROTOCOL_VERSION,
 };
 
 use crate::reaper::Reaper;
@@ -38,7 +38,10 @@ pub const DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Smallest read from the connection.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// What connections share.
+/// Applies a validated [`Identity`] to the system.
+pub type ApplyIdentity = dyn Fn(&Identity) -> Result<(), String> + Send + Sync;
+
+/// What every connection of the agent shares.
 pub struct Agent {
     /// The environment commands start with (request variables are added).
     pub base_env: Vec<(OsString, OsString)>,
@@ -47,6 +50,9 @@ pub struct Agent {
     /// Powers the guest off; called after `ShuttingDown` was sent. Returns
     /// only where powering off is not possible (tests, not PID 1).
     pub shutdown: Box<dyn Fn() + Send + Sync>,
+    /// Applies a validated identity (the real one changes the system:
+    /// PID 1 only).
+    pub apply_identity: Box<ApplyIdentity>,
 }
 
 /// The connection is finished (closed by the host, broken or shut down).
@@ -108,6 +114,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 Ok(HostFrame::Request(Request::Ping)) => self.pong()?,
                 Ok(HostFrame::Request(Request::Shutdown)) => return self.shutdown(agent),
                 Ok(HostFrame::Request(Request::Exec(req))) => self.exec(agent, &req)?,
+                Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
             }
         }
     }
@@ -126,6 +133,14 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
         self.send(Response::Pong {
             uptime_ms: sys::uptime_ms(),
         })
+    }
+
+    fn identity(&mut self, agent: &Agent, id: &Identity) -> Flow {
+        let result = crate::identity::validate(id).and_then(|()| (agent.apply_identity)(id));
+        match result {
+            Ok(()) => self.send(Response::IdentitySet),
+            Err(message) => self.send_error(ErrorCode::InvalidRequest, message),
+        }
     }
 
     fn shutdown(&mut self, agent: &Agent) -> Flow {
@@ -393,6 +408,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                     "a command is already running on this connection".into(),
                 )?,
                 Ok(HostFrame::Request(Request::Shutdown)) => return self.shutdown(agent),
+                Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
             }
         }
         run.flush_stdin();

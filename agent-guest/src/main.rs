@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), no_main)]
 
 mod conn;
+mod identity;
 mod init;
 mod reaper;
 mod spawn;
@@ -81,6 +82,13 @@ fn run() -> ! {
                 init::power_off();
             } else {
                 std::process::exit(0);
+            }
+        }),
+        apply_identity: Box::new(move |id| {
+            if pid1 {
+                identity::apply(id)
+            } else {
+                Err("not the guest's init: identity not applied".into())
             }
         }),
     }));

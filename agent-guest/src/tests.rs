@@ -14,6 +14,7 @@ use crate::conn::{serve, Agent};
 use crate::reaper::Reaper;
 
 static SHUTDOWNS: AtomicUsize = AtomicUsize::new(0);
+static IDENTITIES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 fn agent() -> &'static Agent {
     static AGENT: OnceLock<Agent> = OnceLock::new();
@@ -22,6 +23,10 @@ fn agent() -> &'static Agent {
         reaper: Reaper::global(),
         shutdown: Box::new(|| {
             SHUTDOWNS.fetch_add(1, Ordering::SeqCst);
+        }),
+        apply_identity: Box::new(|id| {
+            IDENTITIES.lock().unwrap().push(id.hostname.clone());
+            Ok(())
         }),
     })
 }
@@ -503,6 +508,35 @@ fn shutdown() {
     assert_eq!(h.recv_response(), Response::ShuttingDown);
     assert!(h.recv().is_none(), "connection should close after shutdown");
     assert!(SHUTDOWNS.load(Ordering::SeqCst) > before);
+}
+
+#[test]
+fn identity_is_validated_then_applied() {
+    let mut h = Host::connect();
+    let id = proto::Identity {
+        entropy: vec![9; 32],
+        hostname: "clone-7".into(),
+        vm_id: "c7".into(),
+        wall_clock_ns: 1_800_000_000_000_000_000,
+    };
+    h.request(Request::Identity(id.clone()));
+    assert_eq!(h.recv_response(), Response::IdentitySet);
+    assert!(IDENTITIES.lock().unwrap().contains(&"clone-7".to_string()));
+    // Too little entropy: refused, nothing applied, the connection goes on.
+    h.request(Request::Identity(proto::Identity {
+        entropy: vec![1; 4],
+        hostname: "clone-8".into(),
+        ..id
+    }));
+    assert!(matches!(
+        h.recv_response(),
+        Response::Error {
+            code: ErrorCode::InvalidRequest,
+            ..
+        }
+    ));
+    assert!(!IDENTITIES.lock().unwrap().contains(&"clone-8".to_string()));
+    h.ping();
 }
 
 #[test]

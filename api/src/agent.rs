@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use proto::{
-    AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, HostFrame, ProtoError, Request, Response,
+    AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, HostFrame, Identity, ProtoError,
+    Request, Response,
 };
 
 use crate::vm::{connect_vsock, VmError};
@@ -181,6 +182,19 @@ impl AgentClient {
         Ok((status, out, err))
     }
 
+    /// Makes the guest unique (entropy, hostname, id, wall clock); the
+    /// first request to send to a fresh clone.
+    pub fn set_identity(&mut self, identity: Identity) -> Result<(), AgentError> {
+        self.send(Request::Identity(identity))?;
+        match self.next()? {
+            AgentFrame::Response(Response::IdentitySet) => Ok(()),
+            AgentFrame::Response(Response::Error { code, message }) => {
+                Err(AgentError::Remote { code, message })
+            }
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Asks the guest to power off.
     pub fn shutdown(&mut self) -> Result<(), AgentError> {
         self.send(Request::Shutdown)?;
@@ -198,6 +212,40 @@ impl std::fmt::Debug for AgentClient {
             .field("agent_version", &self.agent_version)
             .finish()
     }
+}
+
+/// A new identity for VM `vm_id`: 64 bytes from the host's `getrandom`, the
+/// host's wall clock now, and `hostname`.
+pub fn fresh_identity(vm_id: &str, hostname: &str) -> std::io::Result<Identity> {
+    let mut entropy = vec![0u8; 64];
+    let mut filled = 0;
+    while filled < entropy.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `entropy`.
+        let n = unsafe {
+            libc::getrandom(
+                entropy[filled..].as_mut_ptr().cast(),
+                entropy.len() - filled,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(std::io::Error::other)?;
+    Ok(Identity {
+        entropy,
+        hostname: hostname.to_string(),
+        vm_id: vm_id.to_string(),
+        wall_clock_ns: now.as_nanos() as u64,
+    })
 }
 
 /// Writes `status` as a shell would describe it (for CLI messages).

@@ -331,7 +331,28 @@ pub enum Request {
     Exec(ExecRequest),
     /// Powers the guest off after answering [`Response::ShuttingDown`].
     Shutdown,
+    /// Makes this guest unique: sent right after a clone resumes, before
+    /// anything else runs in it. Answered with [`Response::IdentitySet`].
+    Identity(Identity),
 }
+
+/// What makes one VM different from its siblings (see "Restoring
+/// Uniqueness in MicroVM Snapshots", Brooker et al., 2021).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Fresh host entropy, mixed into the guest kernel's pool
+    /// (`RNDADDENTROPY`) before its CRNG is reseeded; 16 to 512 bytes.
+    pub entropy: Vec<u8>,
+    /// The guest's new hostname.
+    pub hostname: String,
+    /// The VM's id, written to `/run/zygote/id` for programs in the guest.
+    pub vm_id: String,
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub wall_clock_ns: u64,
+}
+
+/// Bounds on [`Identity::entropy`].
+pub const IDENTITY_ENTROPY_BYTES: std::ops::RangeInclusive<usize> = 16..=512;
 
 /// A command to run in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,6 +424,8 @@ pub enum Response {
     },
     /// Answer to [`Request::Shutdown`]; the guest powers off next.
     ShuttingDown,
+    /// Answer to [`Request::Identity`]: every part was applied.
+    IdentitySet,
 }
 
 /// How a command ended.

@@ -134,6 +134,43 @@ fn one_vm_runs_commands_through_the_agent() {
     let online: u32 = String::from_utf8_lossy(&out).trim().parse().unwrap();
     assert_eq!(online, if host_is_kvm_pvm() { 1 } else { 2 });
 
+    // An identity (what a clone gets first): hostname, id and wall clock
+    // change, and the guest's random stream goes on working.
+    // A clock a day ahead proves the guest took the given time, not its own.
+    const DAY: u64 = 86_400;
+    let mut identity = api::agent::fresh_identity("vm-e2e-1", "e2e-guest-1").unwrap();
+    identity.wall_clock_ns += DAY * 1_000_000_000;
+    agent.set_identity(identity).expect("identity applied");
+    let (st, out, _) = agent
+        .exec_collect(sh(
+            "hostname; cat /run/zygote/id; date +%s; head -c 16 /dev/urandom | wc -c",
+        ))
+        .unwrap();
+    assert!(st.success());
+    let out = String::from_utf8_lossy(&out).to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["e2e-guest-1", "vm-e2e-1"], "{out}");
+    let guest_now: i64 = lines[2].trim().parse().unwrap();
+    let host_now = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + DAY) as i64;
+    // The exec itself takes seconds where guest kernels are emulated.
+    assert!(
+        (host_now - guest_now).abs() <= 15,
+        "guest clock {guest_now}, host {host_now}"
+    );
+    assert_eq!(lines[3].trim(), "16");
+    let bad = api::agent::fresh_identity("vm-e2e-1", "not a hostname").unwrap();
+    assert!(matches!(
+        agent.set_identity(bad),
+        Err(AgentError::Remote {
+            code: ErrorCode::InvalidRequest,
+            ..
+        })
+    ));
+
     // The guest powers itself off: the VMM exits cleanly and leaves nothing.
     let _ = agent.exec_collect(ExecRequest::new(["poweroff"]));
     let (reason, message) = vm.wait_exit(Duration::from_secs(60)).expect("VM ends");

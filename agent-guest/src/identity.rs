@@ -1,0 +1,166 @@
+//! Making a cloned guest unique: fresh kernel entropy and a reseeded CRNG,
+//! its own hostname and id, the host's wall clock.
+
+use std::io;
+
+use proto::{Identity, IDENTITY_ENTROPY_BYTES};
+
+use crate::sys::cvt;
+
+/// Where the VM id is written for programs in the guest.
+pub const ID_FILE: &str = "/run/zygote/id";
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Checks a request before anything is changed.
+pub fn validate(id: &Identity) -> Result<(), String> {
+    if !IDENTITY_ENTROPY_BYTES.contains(&id.entropy.len()) {
+        return Err(format!(
+            "entropy must be {} to {} bytes, got {}",
+            IDENTITY_ENTROPY_BYTES.start(),
+            IDENTITY_ENTROPY_BYTES.end(),
+            id.entropy.len()
+        ));
+    }
+    let valid_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !valid_name(&id.hostname) {
+        return Err(format!(
+            "invalid hostname {:?} (1-64 of [A-Za-z0-9.-])",
+            id.hostname
+        ));
+    }
+    if !valid_name(&id.vm_id) {
+        return Err(format!(
+            "invalid VM id {:?} (1-64 of [A-Za-z0-9.-])",
+            id.vm_id
+        ));
+    }
+    if id.wall_clock_ns == 0 {
+        return Err("wall clock of 0".into());
+    }
+    Ok(())
+}
+
+/// The `struct rand_pool_info` bytes for `RNDADDENTROPY`: entropy count in
+/// bits, buffer size in bytes, then the buffer.
+pub fn rand_pool_info(entropy: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + entropy.len());
+    v.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    v.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    v.extend_from_slice(entropy);
+    v
+}
+
+/// Applies a validated identity to this (guest) system. PID 1 only.
+pub fn apply(id: &Identity) -> Result<(), String> {
+    let step = |what: &str, r: io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+    step("add entropy", add_entropy(&id.entropy))?;
+    step("set hostname", set_hostname(&id.hostname))?;
+    step("set wall clock", set_clock(id.wall_clock_ns))?;
+    step("write VM id", write_id(&id.vm_id))?;
+    Ok(())
+}
+
+fn add_entropy(entropy: &[u8]) -> io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    let info = rand_pool_info(entropy);
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a complete rand_pool_info of the size it declares.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) })?;
+    Ok(())
+}
+
+fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`'s bytes.
+    cvt(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+fn set_clock(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    Ok(())
+}
+
+fn write_id(id: &str) -> io::Result<()> {
+    std::fs::create_dir_all("/run/zygote")?;
+    std::fs::write(ID_FILE, format!("{id}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Identity {
+        Identity {
+            entropy: vec![7; 64],
+            hostname: "clone-1".into(),
+            vm_id: "c1".into(),
+            wall_clock_ns: 1_700_000_000_000_000_000,
+        }
+    }
+
+    #[test]
+    fn bad_identities_are_refused_before_anything_changes() {
+        assert!(validate(&ok()).is_ok());
+        assert!(validate(&Identity {
+            entropy: vec![1; 8],
+            ..ok()
+        })
+        .is_err());
+        assert!(validate(&Identity {
+            entropy: vec![1; 4096],
+            ..ok()
+        })
+        .is_err());
+        assert!(validate(&Identity {
+            hostname: String::new(),
+            ..ok()
+        })
+        .is_err());
+        assert!(validate(&Identity {
+            hostname: "a b".into(),
+            ..ok()
+        })
+        .is_err());
+        assert!(validate(&Identity {
+            hostname: "x".repeat(65),
+            ..ok()
+        })
+        .is_err());
+        assert!(validate(&Identity {
+            vm_id: "../etc".into(),
+            ..ok()
+        })
+        .is_err());
+        assert!(validate(&Identity {
+            wall_clock_ns: 0,
+            ..ok()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn rand_pool_info_layout() {
+        let v = rand_pool_info(&[1, 2, 3, 4]);
+        assert_eq!(&v[..4], &32i32.to_ne_bytes());
+        assert_eq!(&v[4..8], &4i32.to_ne_bytes());
+        assert_eq!(&v[8..], &[1, 2, 3, 4]);
+    }
+}
