@@ -247,13 +247,3 @@ pub fn fresh_identity(vm_id: &str, hostname: &str) -> std::io::Result<Identity> 
         wall_clock_ns: now.as_nanos() as u64,
     })
 }
-
-/// Writes `status` as a shell would describe it (for CLI messages).
-pub fn describe(status: &ExitStatus) -> String {
-    match (status.code, status.signal, status.timed_out) {
-        (_, Some(sig), true) => format!("killed by signal {sig} after its timeout"),
-        (_, Some(sig), false) => format!("killed by signal {sig}"),
-        (Some(c), _, _) => format!("exited with code {c}"),
-        _ => "ended".into(),
-    }
-}

@@ -229,13 +229,6 @@ impl VmProcess {
         }
     }
 
-    /// Takes the events that arrived, without waiting.
-    pub fn poll_events(&mut self) {
-        while let Ok(ev) = self.events.try_recv() {
-            self.record(ev);
-        }
-    }
-
     fn exited_error(&mut self) -> VmError {
         let (reason, message) = self.exit.clone().unwrap_or((
             ExitReason::Error,
@@ -322,11 +315,6 @@ impl VmProcess {
             Some(e) => Ok(e),
             None => Err(self.exited_error()),
         }
-    }
-
-    /// Whether the VM has ended (after [`VmProcess::poll_events`]).
-    pub fn ended(&self) -> Option<&(ExitReason, String)> {
-        self.exit.as_ref()
     }
 
     /// How the VM ended, as an error to show (for callers that lost the agent).
