@@ -285,20 +285,6 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Writes `data` to guest memory, naming `what` on failure.
-pub fn write_guest(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    data: &[u8],
-    what: &'static str,
-) -> Result<(), BootError> {
-    mem.write_slice(data, GuestAddress(addr))
-        .map_err(|e| BootError::GuestWrite {
-            what,
-            detail: e.to_string(),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
