@@ -88,6 +88,21 @@ impl std::fmt::Debug for VcpuState {
     }
 }
 
+/// Reads the MSRs `indices` of `vcpu`: how many KVM read (it stops at the
+/// first it cannot), and the values.
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(usize, Msrs), StateError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::TooMany("MSRs"))?;
+    let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
+    Ok((read, msrs))
+}
+
 /// The MSRs of `vcpu` that KVM can read: its index list, less those that
 /// fail, with the TSC deadline moved last.
 pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
@@ -98,15 +113,7 @@ pub fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
         .to_vec();
     // KVM_GET_MSRS stops at the first MSR it cannot read: drop it, go on.
     loop {
-        let entries: Vec<kvm_msr_entry> = indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::TooMany("MSRs"))?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
+        let (read, _) = read_msrs(vcpu, &indices)?;
         if read == indices.len() {
             break;
         }
@@ -137,20 +144,12 @@ impl VcpuState {
             .map_err(kvm_err("get CPUID"))?
             .as_slice()
             .to_vec();
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::TooMany("MSRs"))?;
-        let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("get MSRs"))?;
-        if read != entries.len() {
+        let (read, msrs) = read_msrs(vcpu, msr_indices)?;
+        if read != msr_indices.len() {
             return Err(StateError::Partial {
                 what: "MSRs read",
                 set: read,
-                total: entries.len(),
+                total: msr_indices.len(),
             });
         }
         let vcpu_events = vcpu.get_vcpu_events().map_err(kvm_err("get vCPU events"))?;
