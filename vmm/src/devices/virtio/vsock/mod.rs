@@ -39,7 +39,9 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Largest size of the receive queue. Linux fills the whole RX queue with
 /// 4 KiB buffers when it probes the device; at 256 that probe cost ~0.85 s
 /// of emulated boot on hosts that emulate the guest kernel, at 64 a quarter
-/// of it, and 64 buffers (256 KiB) still cover a connection's whole credit.
+/// of it. Linux 6.1 uses two descriptors per buffer, so 64 entries are 32
+/// buffers (128 KiB): less than a connection's 256 KiB of credit, so bulk
+/// host-to-guest data waits for the guest to return buffers, never more.
 pub const RX_QUEUE_SIZE: u16 = 64;
 /// Largest size of the event queue (Linux posts 8 event buffers).
 pub const EVENT_QUEUE_SIZE: u16 = 16;
