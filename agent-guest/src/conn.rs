@@ -136,10 +136,13 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
     }
 
     fn identity(&mut self, agent: &Agent, id: &Identity) -> Flow {
-        let result = crate::identity::validate(id).and_then(|()| (agent.apply_identity)(id));
-        match result {
+        if let Err(message) = crate::identity::validate(id) {
+            return self.send_error(ErrorCode::InvalidRequest, message);
+        }
+        match (agent.apply_identity)(id) {
             Ok(()) => self.send(Response::IdentitySet),
-            Err(message) => self.send_error(ErrorCode::InvalidRequest, message),
+            // A valid request the system refused (an ioctl, the clock).
+            Err(message) => self.send_error(ErrorCode::Internal, message),
         }
     }
 
