@@ -1,0 +1,1 @@
+//! zygote's snapshot format (work in progress).
