@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bench;
 pub mod paths;
+pub mod peer;
 pub mod plot;
 pub mod run;
 pub mod stats;
