@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod commands;
+
 /// zygote: KVM microVMs that start as copy-on-write clones of a warm master.
 #[derive(Parser, Debug)]
 #[command(name = "zygote", version, about)]
@@ -62,10 +64,117 @@ enum Cmd {
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
+    /// Masters: VMs booted once, warmed up and frozen for cloning.
+    Master {
+        #[command(subcommand)]
+        what: MasterCmd,
+    },
+    /// Start clone(s) of a frozen master; prints their ids.
+    Clone {
+        /// The master.
+        name: String,
+        /// How many clones.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Leave the clones running and return (else they run until this
+        /// command is interrupted).
+        #[arg(long)]
+        detach: bool,
+        /// How many clones to bring up at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        /// Seconds a clone may take to answer.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Print how long each clone took to start, on stderr.
+        #[arg(long)]
+        timings: bool,
+    },
+    /// Run a command in a live clone; exits with its code.
+    Exec {
+        /// The clone id.
+        clone: String,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// List clones.
+    Ps {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill clones and remove their files.
+    Kill {
+        /// Clone ids.
+        #[arg(required_unless_present = "all")]
+        clones: Vec<String>,
+        /// Every clone.
+        #[arg(long, conflicts_with = "clones")]
+        all: bool,
+    },
+    /// Masters on disk: save one to a directory, load one from it.
+    Snapshot {
+        #[command(subcommand)]
+        what: SnapshotCmd,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MasterCmd {
+    /// Boot a VM, run the warm-up in it, freeze it as master NAME.
+    Create {
+        /// Master name (a-z, 0-9, '-', '_', '.').
+        name: String,
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Shell command to run before the freeze (its output is shown).
+        #[arg(long)]
+        warmup: Option<String>,
+        /// Seconds the warm-up may take.
+        #[arg(long, default_value_t = 600)]
+        warmup_timeout: u64,
+        /// Also show the guest's serial console on stderr.
+        #[arg(long)]
+        console: bool,
+    },
+    /// List masters.
+    Ls {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a master.
+    Rm {
+        /// Master name.
+        name: String,
+        /// Remove it even while clones of it run (they keep running).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Write master NAME to the new directory DIR (sparse, checksummed).
+    Save {
+        /// Master name.
+        name: String,
+        /// Directory to create.
+        dir: PathBuf,
+    },
+    /// Check the snapshot in DIR and register it as a master.
+    Load {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// Master name (default: the directory's name).
+        #[arg(long = "as")]
+        name: Option<String>,
     },
 }
 
@@ -119,6 +228,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             Ok(api::run::run(&opts)?)
         }
+        Cmd::Master { what } => commands::master(what),
+        Cmd::Clone {
+            name,
+            count,
+            detach,
+            parallel,
+            timeout,
+            timings,
+        } => commands::clone(&name, count, detach, parallel, timeout, timings),
+        Cmd::Exec { clone, cmd } => {
+            let store = api::store::Store::open_default();
+            let mut agent = api::clone::connect(&store, &clone)?;
+            Ok(api::run::exec_stdio(&mut agent, &cmd)?)
+        }
+        Cmd::Ps { json } => commands::ps(json),
+        Cmd::Kill { clones, all } => commands::kill(clones, all),
+        Cmd::Snapshot { what } => commands::snapshot(what),
         Cmd::Bench {
             what:
                 BenchCmd::Boot {

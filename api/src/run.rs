@@ -56,37 +56,40 @@ pub fn run(opts: &RunOptions) -> Result<i32, RunError> {
     let mut vm = VmProcess::spawn(&opts.spec)?;
     vm.wait_ready(opts.boot_timeout)?;
     let mut agent = AgentClient::connect(&vm.vsock_path())?;
-    let req = ExecRequest::new(opts.argv.clone());
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr();
-    let status = agent.exec(
-        req,
-        Some(Box::new(std::io::stdin())),
-        &mut stdout,
-        &mut stderr,
-    );
-    let status = match status {
-        Ok(s) => s,
-        Err(AgentError::Remote {
-            code: ErrorCode::NotFound,
-            ..
-        }) => {
-            shutdown(&mut vm, &mut agent);
-            return Err(RunError::NotFound(opts.argv[0].clone()));
+    let result = exec_stdio(&mut agent, &opts.argv);
+    if let Err(RunError::Agent(e)) = &result {
+        if !matches!(e, AgentError::Remote { .. }) {
+            // The connection broke: the VM most likely ended (a panic, say).
+            return Err(vm.end_error().into());
         }
-        Err(e @ AgentError::Remote { .. }) => {
-            shutdown(&mut vm, &mut agent);
-            return Err(e.into());
-        }
-        // The connection broke: the VM most likely ended (a panic, say).
-        Err(_) => return Err(vm.end_error().into()),
-    };
+    }
     let done_us = vmm::events::now_us();
     shutdown(&mut vm, &mut agent);
     if opts.timings {
         eprintln!("{}", timings_line(&vm.timeline, done_us));
     }
-    Ok(status.shell_code())
+    result
+}
+
+/// Runs `argv` through `agent` with this process's stdin, stdout and
+/// stderr; returns its shell exit code.
+pub fn exec_stdio(agent: &mut AgentClient, argv: &[String]) -> Result<i32, RunError> {
+    let req = ExecRequest::new(argv.to_vec());
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    match agent.exec(
+        req,
+        Some(Box::new(std::io::stdin())),
+        &mut stdout,
+        &mut stderr,
+    ) {
+        Ok(status) => Ok(status.shell_code()),
+        Err(AgentError::Remote {
+            code: ErrorCode::NotFound,
+            ..
+        }) => Err(RunError::NotFound(argv[0].clone())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One line with the duration of each phase of a VM's life, in ms.
@@ -137,5 +140,6 @@ pub fn spec(
         vcpus,
         console,
         runtime_root: None,
+        snapshot_dir: None,
     })
 }

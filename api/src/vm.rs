@@ -51,6 +51,9 @@ pub enum VmError {
     /// The agent did not announce itself in time.
     #[error("the guest agent was not ready within {0:?} (see the console with --console)")]
     ReadyTimeout(Duration),
+    /// The VM could not be frozen.
+    #[error("cannot freeze the VM: {0}")]
+    Freeze(String),
     /// The VMM's vsock socket refused the agent's port.
     #[error("cannot reach the guest agent over vsock: {0}")]
     Connect(String),
@@ -60,6 +63,7 @@ fn exit_sentence(reason: &ExitReason, message: &str) -> String {
     match reason {
         ExitReason::Panic => format!("guest kernel panicked: {message}"),
         ExitReason::Shutdown => "the guest shut down".to_string(),
+        ExitReason::Frozen => "the VM was frozen".to_string(),
         ExitReason::Error => message.to_string(),
         _ => format!("the VM failed: {message}"),
     }
@@ -93,6 +97,9 @@ pub struct VmSpec {
     pub console: bool,
     /// Where the VM's runtime directory goes (default: [`runtime_root`]).
     pub runtime_root: Option<PathBuf>,
+    /// Boot a VM that can be frozen into this (new, empty) snapshot
+    /// directory, through [`VmProcess::freeze`].
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// A running VMM process.
@@ -163,12 +170,18 @@ impl VmProcess {
                 None => "stderr".into(),
             })
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(if spec.console {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            });
+            .stdout(Stdio::piped());
+        if let Some(snap) = &spec.snapshot_dir {
+            cmd.arg("--snapshot-dir")
+                .arg(snap)
+                .arg("--control")
+                .arg(dir.join("control.sock"));
+        }
+        cmd.stderr(if spec.console {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
         let spawn_us = now_us();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
@@ -217,6 +230,26 @@ impl VmProcess {
         self.dir.join("vsock.sock")
     }
 
+    /// Freezes a VM started with [`VmSpec::snapshot_dir`]: its vCPUs stop
+    /// for good, its state is written next to its RAM, and the VMM process
+    /// ends. Returns what the VMM reported (pause and save times).
+    pub fn freeze(&mut self, timeout: Duration) -> Result<vmm::ctl::CtlResponse, VmError> {
+        use vmm::ctl::{call, CtlRequest};
+        let response = call(&self.dir.join("control.sock"), &CtlRequest::Freeze, timeout)
+            .map_err(|e| VmError::Freeze(format!("control socket: {e}")))?;
+        if !response.ok {
+            return Err(VmError::Freeze(
+                response.error.unwrap_or_else(|| "no reason given".into()),
+            ));
+        }
+        match self.wait_exit(timeout)? {
+            (ExitReason::Frozen, _) => Ok(response),
+            (reason, message) => Err(VmError::Freeze(format!(
+                "the VMM ended with {reason:?} instead: {message}"
+            ))),
+        }
+    }
+
     fn record(&mut self, ev: Event) {
         match ev {
             Event::Started { t_us } => self.timeline.started_us = Some(t_us),
@@ -235,7 +268,7 @@ impl VmProcess {
             "the VMM process ended without saying why".to_string(),
         ));
         let mut message = message;
-        if reason != ExitReason::Shutdown {
+        if !matches!(reason, ExitReason::Shutdown | ExitReason::Frozen) {
             if let Some(tail) = self.console_tail(8) {
                 message.push_str("\n  last console lines:\n");
                 message.push_str(&tail);

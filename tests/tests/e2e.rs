@@ -38,6 +38,7 @@ fn one_vm_runs_commands_through_the_agent() {
         vcpus: 2,
         console: false,
         runtime_root: Some(sandbox.dir.clone()),
+        snapshot_dir: None,
     };
     let mut vm = VmProcess::spawn(&spec).expect("spawn VMM");
     let pid = vm.pid().expect("pid");

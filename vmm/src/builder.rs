@@ -1,25 +1,33 @@
 //! Assembles a microVM from a [`VmConfig`] and runs it to its end.
 
 use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::IoEventAddress;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
+use crate::ctl::{CtlListener, CtlRequest, CtlResponse, Pending};
 use crate::devices::legacy::console::{ConsoleSink, ConsoleState};
 use crate::devices::legacy::{
     EventFdTrigger, FnTrigger, SerialDevice, I8042, I8042_PORT_BASE, SERIAL_PORT_BASE,
 };
-use crate::devices::virtio::{MmioTransport, Rng, Vsock};
+use crate::devices::virtio::{MmioTransport, Rng, VirtioDevice, Vsock};
 use crate::events::{now_us, Event, EventSink, ExitReason};
 use crate::layout::*;
 use crate::memory;
+use crate::snapshot::{DeviceKind, DeviceSnapshot, SerialSnapshot, VmSnapshot};
 use crate::vstate::control::RunControl;
+use crate::vstate::state::{readable_msrs, VmState};
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuStop};
 use crate::vstate::vm;
 
@@ -53,6 +61,11 @@ pub struct VmConfig {
     pub guest_cid: u64,
     /// Serial console destination.
     pub console: ConsoleOut,
+    /// For a VM that may be frozen (a master): guest RAM is created as
+    /// `memory` in this directory, and a freeze writes its snapshot here.
+    pub snapshot_dir: Option<PathBuf>,
+    /// Unix socket to listen on for control requests ([`crate::ctl`]).
+    pub control: Option<PathBuf>,
 }
 
 /// Errors building or running a VM.
@@ -76,6 +89,9 @@ pub enum BuildError {
     /// A device could not be created.
     #[error("device setup: {0}")]
     Device(String),
+    /// A snapshot could not be restored.
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
     /// Console file.
     #[error("cannot open console log {path}: {source}")]
     Console {
@@ -241,48 +257,166 @@ pub fn kernel_cmdline(image_cmdline: &str, devices: &[(u64, u32)]) -> String {
     s
 }
 
-/// Builds the VM described by `cfg`, runs it until the guest ends, and
-/// returns why it ended. Emits [`Event`]s on the way.
+/// A VM assembled (booted or restored) but not yet running.
+struct Machine {
+    vmfd: VmFd,
+    devices: Vec<(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)>,
+    bus: Arc<DeviceBus>,
+    vcpus: Vec<Vcpu>,
+    console_state: Arc<ConsoleState>,
+    control: Arc<RunControl>,
+    /// Set on a VM that can be frozen.
+    freeze: Option<FreezeTarget>,
+    /// Keeps guest RAM mapped for as long as the VM runs.
+    _mem: GuestMemoryMmap,
+}
+
+/// Where and how a master's freeze writes its snapshot.
+struct FreezeTarget {
+    dir: PathBuf,
+    msr_indices: Vec<u32>,
+    memory_mib: u64,
+    guest_cid: u64,
+    cmdline: String,
+}
+
+fn device_err(what: &'static str) -> impl Fn(String) -> BuildError {
+    move |e| BuildError::Device(format!("{what}: {e}"))
+}
+
+/// Registers `dev`'s queue notifications and interrupt with KVM at the next
+/// virtio window and adds it to `devices`.
+fn attach_virtio(
+    vmfd: &VmFd,
+    devices: &mut Vec<(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)>,
+    kind: DeviceKind,
+    dev: MmioTransport,
+) -> Result<(), BuildError> {
+    let index = devices.len() as u64;
+    let base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE;
+    let gsi = VIRTIO_FIRST_GSI + index as u32;
+    if gsi > MAX_GSI {
+        return Err(BuildError::Device("too many virtio devices".into()));
+    }
+    for (q, evt) in dev.queue_events().iter().enumerate() {
+        vmfd.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
+            .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
+    }
+    vmfd.register_irqfd(dev.interrupt_evt(), gsi)
+        .map_err(|e| BuildError::Device(format!("irqfd: {e}")))?;
+    devices.push((kind, base, gsi, Arc::new(Mutex::new(dev))));
+    Ok(())
+}
+
+fn console_writer(console: &ConsoleOut) -> Result<Option<Box<dyn Write + Send>>, BuildError> {
+    Ok(match console {
+        ConsoleOut::None => None,
+        ConsoleOut::Stderr => Some(Box::new(std::io::stderr())),
+        ConsoleOut::File(path) => Some(Box::new(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::Console {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+    })
+}
+
+/// The serial port and i8042 on the port bus, plus the virtio windows.
+fn device_bus(
+    vmfd: &VmFd,
+    console: &ConsoleOut,
+    serial_state: Option<&SerialSnapshot>,
+    devices: &[(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)],
+    control: &Arc<RunControl>,
+    events: &Arc<EventSink>,
+) -> Result<(Arc<DeviceBus>, Arc<ConsoleState>), BuildError> {
+    let console_state = Arc::new(ConsoleState::default());
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
+    vmfd.register_irqfd(&serial_evt, SERIAL_GSI)
+        .map_err(|e| BuildError::Device(format!("serial irqfd: {e}")))?;
+    let sink = ConsoleSink::new(
+        console_writer(console)?,
+        console_state.clone(),
+        events.clone(),
+    );
+    let serial = match serial_state {
+        None => SerialDevice::new(EventFdTrigger(serial_evt), sink),
+        Some(state) => SerialDevice::from_state(
+            &state.into(),
+            EventFdTrigger(serial_evt),
+            vm_superio::serial::NoEvents,
+            sink,
+        )
+        .map_err(|e| BuildError::Device(format!("serial state: {e:?}")))?,
+    };
+    let reset_control = control.clone();
+    let i8042 = I8042::new(FnTrigger(Arc::new(move || reset_control.stop())));
+    let bus = Arc::new(DeviceBus {
+        serial: Mutex::new(serial),
+        i8042: Mutex::new(i8042),
+        virtio: devices
+            .iter()
+            .map(|(_, base, _, dev)| (*base, dev.clone()))
+            .collect(),
+    });
+    Ok((bus, console_state))
+}
+
+/// Guest RAM for a VM that boots: a memfd, or `dir/memory` for a VM that
+/// may be frozen (a master), so that clones can map it by name.
+fn boot_memory(cfg: &VmConfig) -> Result<File, BuildError> {
+    let size = cfg.memory_mib << 20;
+    match &cfg.snapshot_dir {
+        None => Ok(memory::create_memfd(size)?),
+        Some(dir) => {
+            let path = dir.join(snapshotter::MEMORY_FILE);
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|f| f.set_len(size).map(|_| f))
+                .map_err(|e| {
+                    BuildError::Config(format!(
+                        "cannot create guest RAM at {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            Ok(file)
+        }
+    }
+}
+
+/// Boots the VM described by `cfg`, runs it until the guest ends (or it is
+/// frozen through the control socket), and returns why it ended. Emits
+/// [`Event`]s on the way.
 pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildError> {
     validate(cfg)?;
     let kvm = vm::open_kvm()?;
     let size = cfg.memory_mib << 20;
-    let memfd = memory::create_memfd(size)?;
+    let memfd = boot_memory(cfg)?;
     let mem = memory::map_guest_memory(&memfd, size, libc::MAP_SHARED)?;
     let vmfd = vm::create_vm(&kvm, &mem)?;
 
     // Devices first: the command line names them.
-    let mut virtio: Vec<(u64, Arc<Mutex<MmioTransport>>)> = Vec::new();
-    let mut declared = Vec::new();
-    let mut add_virtio = |dev: MmioTransport| -> Result<(), BuildError> {
-        let index = virtio.len() as u64;
-        let base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE;
-        let gsi = VIRTIO_FIRST_GSI + index as u32;
-        if gsi > MAX_GSI {
-            return Err(BuildError::Device("too many virtio devices".into()));
-        }
-        for (q, evt) in dev.queue_events().iter().enumerate() {
-            vmfd.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
-                .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
-        }
-        vmfd.register_irqfd(dev.interrupt_evt(), gsi)
-            .map_err(|e| BuildError::Device(format!("irqfd: {e}")))?;
-        virtio.push((base, Arc::new(Mutex::new(dev))));
-        declared.push((base, gsi));
-        Ok(())
-    };
+    let mut devices = Vec::new();
     if let Some(uds) = &cfg.vsock_uds {
-        let vsock = Vsock::new(cfg.guest_cid, uds)
-            .map_err(|e| BuildError::Device(format!("vsock: {e}")))?;
-        add_virtio(
-            MmioTransport::new(Box::new(vsock), mem.clone())
-                .map_err(|e| BuildError::Device(e.to_string()))?,
-        )?;
+        let vsock =
+            Vsock::new(cfg.guest_cid, uds).map_err(|e| device_err("vsock")(e.to_string()))?;
+        let t = MmioTransport::new(Box::new(vsock), mem.clone())
+            .map_err(|e| device_err("vsock")(e.to_string()))?;
+        attach_virtio(&vmfd, &mut devices, DeviceKind::Vsock, t)?;
     }
-    add_virtio(
-        MmioTransport::new(Box::new(Rng::new()), mem.clone())
-            .map_err(|e| BuildError::Device(e.to_string()))?,
-    )?;
+    let t = MmioTransport::new(Box::new(Rng::new()), mem.clone())
+        .map_err(|e| device_err("rng")(e.to_string()))?;
+    attach_virtio(&vmfd, &mut devices, DeviceKind::Rng, t)?;
+    let declared: Vec<(u64, u32)> = devices.iter().map(|d| (d.1, d.2)).collect();
 
     let cmdline = kernel_cmdline(&cfg.cmdline, &declared);
     let info = boot::load_guest(
@@ -296,51 +430,203 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
     )?;
     vcpu::write_boot_tables(&mem)?;
 
-    let console_out: Option<Box<dyn std::io::Write + Send>> = match &cfg.console {
-        ConsoleOut::None => None,
-        ConsoleOut::Stderr => Some(Box::new(std::io::stderr())),
-        ConsoleOut::File(path) => Some(Box::new(
-            File::options()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::Console {
-                    path: path.clone(),
-                    source,
-                })?,
-        )),
-    };
-    let console_state = Arc::new(ConsoleState::default());
-    let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
-    vmfd.register_irqfd(&serial_evt, SERIAL_GSI)
-        .map_err(|e| BuildError::Device(format!("serial irqfd: {e}")))?;
-    let serial = SerialDevice::new(
-        EventFdTrigger(serial_evt),
-        ConsoleSink::new(console_out, console_state.clone(), events.clone()),
-    );
-
     let control = Arc::new(RunControl::default());
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
-    let reset_control = control.clone();
-    let i8042 = I8042::new(FnTrigger(Arc::new(move || reset_control.stop())));
-
-    let bus = Arc::new(DeviceBus {
-        serial: Mutex::new(serial),
-        i8042: Mutex::new(i8042),
-        virtio: virtio.clone(),
-    });
-
+    let (bus, console_state) = device_bus(&vmfd, &cfg.console, None, &devices, &control, &events)?;
     let mut vcpus = Vec::new();
     for index in 0..cfg.vcpus {
         let entry = (index == 0).then_some(info.entry);
         vcpus.push(Vcpu::new(&kvm, &vmfd, index, cfg.vcpus, entry)?);
     }
+    let freeze = match &cfg.snapshot_dir {
+        None => None,
+        Some(dir) => Some(FreezeTarget {
+            dir: dir.clone(),
+            msr_indices: readable_msrs(&kvm, vcpus[0].fd())
+                .map_err(|e| BuildError::Device(format!("MSR list: {e}")))?,
+            memory_mib: cfg.memory_mib,
+            guest_cid: cfg.guest_cid,
+            cmdline,
+        }),
+    };
+    let machine = Machine {
+        vmfd,
+        devices,
+        bus,
+        vcpus,
+        console_state,
+        control,
+        freeze,
+        _mem: mem,
+    };
+    run_machine(machine, cfg.control.as_deref(), events)
+}
 
+/// How to start a clone from a snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The snapshot directory (`snapshotter` format).
+    pub snapshot: PathBuf,
+    /// Host side of virtio-vsock for this clone (its own socket).
+    pub vsock_uds: Option<PathBuf>,
+    /// Serial console destination.
+    pub console: ConsoleOut,
+}
+
+/// Errors specific to restoring.
+fn restore_err(e: impl std::fmt::Display) -> BuildError {
+    BuildError::Restore(e.to_string())
+}
+
+/// Starts a VM from a snapshot: guest RAM is the snapshot's memory file
+/// mapped copy-on-write (nothing is copied up front), then VM, vCPU and
+/// device state are restored and the vCPUs resume where the master stopped.
+pub fn restore_vm(cfg: &RestoreConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildError> {
+    let snap = snapshotter::open(&cfg.snapshot).map_err(restore_err)?;
+    let state: VmSnapshot = serde_json::from_str(snap.state_json())
+        .map_err(|e| restore_err(format!("snapshot state: {e}")))?;
+    state.check_layout(MAX_VCPUS).map_err(restore_err)?;
+    if state.memory_mib << 20 != snap.manifest.memory.size {
+        return Err(restore_err(format!(
+            "state says {} MiB of RAM, memory file has {} bytes",
+            state.memory_mib, snap.manifest.memory.size
+        )));
+    }
+    let kvm = vm::open_kvm()?;
+    // Read-only: the master's RAM is never written through this file.
+    let file = File::open(snap.memory_path())
+        .map_err(|e| restore_err(format!("cannot open {}: {e}", snap.memory_path().display())))?;
+    let mem = memory::map_guest_memory(&file, snap.manifest.memory.size, libc::MAP_PRIVATE)?;
+    let vmfd = vm::create_vm(&kvm, &mem)?;
+    state.vm.restore(&vmfd).map_err(restore_err)?;
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for s in &state.vcpus {
+        vcpus.push(Vcpu::restore(&vmfd, s).map_err(restore_err)?);
+    }
+
+    let mut devices = Vec::new();
+    for d in &state.devices {
+        let model: Box<dyn VirtioDevice> = match d.kind {
+            DeviceKind::Vsock => {
+                let Some(uds) = &cfg.vsock_uds else {
+                    return Err(restore_err("the snapshot has a vsock device: give --vsock"));
+                };
+                Box::new(
+                    Vsock::new(state.guest_cid, uds)
+                        .map_err(|e| device_err("vsock")(e.to_string()))?,
+                )
+            }
+            DeviceKind::Rng => Box::new(Rng::new()),
+        };
+        let t = MmioTransport::restore(model, mem.clone(), &d.mmio)
+            .map_err(|e| restore_err(format!("{:?} device: {e}", d.kind)))?;
+        attach_virtio(&vmfd, &mut devices, d.kind, t)?;
+    }
+    let control = Arc::new(RunControl::default());
+    let (bus, console_state) = device_bus(
+        &vmfd,
+        &cfg.console,
+        Some(&state.serial),
+        &devices,
+        &control,
+        &events,
+    )?;
+    let machine = Machine {
+        vmfd,
+        devices,
+        bus,
+        vcpus,
+        console_state,
+        control,
+        freeze: None,
+        _mem: mem,
+    };
+    run_machine(machine, None, events)
+}
+
+/// Pauses every vCPU and writes the snapshot. On failure the VM resumes.
+fn freeze<T>(m: &Machine, target: &FreezeTarget, threads: &[JoinHandle<T>]) -> CtlResponse {
+    let t0 = Instant::now();
+    let vcpus = match m.control.pause(
+        threads,
+        Some(target.msr_indices.clone()),
+        Duration::from_secs(10),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            m.control.resume();
+            return CtlResponse::err(format!("pausing the vCPUs: {e}"));
+        }
+    };
+    let paused = Instant::now();
+    let result = (|| -> Result<u64, String> {
+        let vm = VmState::save(&m.vmfd).map_err(|e| e.to_string())?;
+        let devices = m
+            .devices
+            .iter()
+            .map(|(kind, base, gsi, dev)| DeviceSnapshot {
+                kind: *kind,
+                base: *base,
+                gsi: *gsi,
+                mmio: dev.lock().unwrap_or_else(|e| e.into_inner()).save_state(),
+            })
+            .collect();
+        let serial = m
+            .bus
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+            .into();
+        let snap = VmSnapshot {
+            memory_mib: target.memory_mib,
+            guest_cid: target.guest_cid,
+            cmdline: target.cmdline.clone(),
+            vm,
+            vcpus,
+            devices,
+            serial,
+        };
+        let json = serde_json::to_string(&snap).map_err(|e| e.to_string())?;
+        snapshotter::write_manifest(&target.dir, &json, None).map_err(|e| e.to_string())?;
+        // The master's RAM is final: nobody writes it again.
+        let _ = std::fs::set_permissions(
+            target.dir.join(snapshotter::MEMORY_FILE),
+            std::fs::Permissions::from_mode(0o400),
+        );
+        Ok(json.len() as u64)
+    })();
+    match result {
+        Ok(state_bytes) => CtlResponse {
+            ok: true,
+            error: None,
+            pause_ms: Some(ms(t0, paused)),
+            save_ms: Some(ms(paused, Instant::now())),
+            state_bytes: Some(state_bytes),
+        },
+        Err(e) => {
+            m.control.resume();
+            CtlResponse::err(format!("saving the VM state: {e}"))
+        }
+    }
+}
+
+fn ms(a: Instant, b: Instant) -> f64 {
+    (b - a).as_secs_f64() * 1000.0
+}
+
+/// Runs an assembled VM: one thread per vCPU, this thread runs the device
+/// event loop (and the control socket) until the VM ends.
+fn run_machine(
+    mut m: Machine,
+    ctl_path: Option<&std::path::Path>,
+    events: Arc<EventSink>,
+) -> Result<VmEnd, BuildError> {
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| BuildError::Device(format!("event manager: {e:?}")))?;
-    for (_, dev) in &virtio {
+    for (_, _, _, dev) in &m.devices {
         manager.add_subscriber(dev.clone());
     }
     let fired = Arc::new(AtomicBool::new(false));
@@ -351,12 +637,18 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
         evt: watcher_evt,
         fired: fired.clone(),
     })));
+    let pending: Arc<Mutex<Option<Pending>>> = Arc::new(Mutex::new(None));
+    if let Some(path) = ctl_path {
+        let listener = CtlListener::bind(path, pending.clone())
+            .map_err(|e| BuildError::Device(format!("control socket {}: {e}", path.display())))?;
+        manager.add_subscriber(Arc::new(Mutex::new(listener)));
+    }
 
     let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
     let mut threads = Vec::new();
-    for mut vcpu in vcpus {
-        let bus = bus.clone();
-        let control = control.clone();
+    for mut vcpu in std::mem::take(&mut m.vcpus) {
+        let bus = m.bus.clone();
+        let control = m.control.clone();
         let first_stop = first_stop.clone();
         let exit_evt = exit_evt
             .try_clone()
@@ -386,18 +678,45 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
         threads.push(handle);
     }
 
+    let mut frozen = false;
     while !fired.load(Ordering::SeqCst) {
         if let Err(e) = manager.run() {
             if !matches!(e, event_manager::Error::Epoll(ref io) if io.errno() == libc::EINTR) {
                 return Err(BuildError::Device(format!("device event loop: {e:?}")));
             }
         }
+        let request = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = request {
+            match (&p.request, &m.freeze) {
+                (CtlRequest::Freeze, None) => {
+                    p.answer(&CtlResponse::err("this VM was not started to be frozen"))
+                }
+                (CtlRequest::Freeze, Some(target)) => {
+                    let response = freeze(&m, target, &threads);
+                    let ok = response.ok;
+                    p.answer(&response);
+                    if ok {
+                        frozen = true;
+                        m.control.stop();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if frozen {
+        drop(threads);
+        return Ok(VmEnd {
+            reason: ExitReason::Frozen,
+            message: "frozen into a snapshot".into(),
+        });
     }
     let why = first_stop
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
         .unwrap_or(VcpuStop::Stopped);
+    let console_state = &m.console_state;
     let panicked = console_state.panicked.load(Ordering::SeqCst);
     let panic_line = || {
         console_state
@@ -462,6 +781,8 @@ mod tests {
             vsock_uds: None,
             guest_cid: 3,
             console: ConsoleOut::None,
+            snapshot_dir: None,
+            control: None,
         }
     }
 

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub enum ExitReason {
     /// The guest shut down or rebooted (i8042 reset, agent `shutdown`, `poweroff`).
     Shutdown,
+    /// The VM was frozen into a snapshot (a master): it never runs again.
+    Frozen,
     /// The guest kernel panicked.
     Panic,
     /// The guest triple-faulted.
@@ -27,7 +29,7 @@ impl ExitReason {
     /// The VMM process's exit code for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::Shutdown => 0,
+            ExitReason::Shutdown | ExitReason::Frozen => 0,
             ExitReason::Panic => 2,
             ExitReason::TripleFault | ExitReason::EmulationFailure => 3,
             ExitReason::Error => 1,

@@ -14,8 +14,10 @@
 
 pub mod boot;
 pub mod builder;
+pub mod ctl;
 pub mod devices;
 pub mod events;
 pub mod layout;
 pub mod memory;
+pub mod snapshot;
 pub mod vstate;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use vmm::builder::{run_vm, ConsoleOut, VmConfig};
+use vmm::builder::{restore_vm, run_vm, ConsoleOut, RestoreConfig, VmConfig};
 use vmm::events::{now_us, Event, EventSink, ExitReason};
 
 /// Runs one microVM; reports events as JSON lines on stdout.
@@ -13,8 +13,23 @@ use vmm::events::{now_us, Event, EventSink, ExitReason};
 #[command(name = "zygote-vmm", version)]
 struct Args {
     /// Guest kernel: ELF vmlinux (or bzImage).
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Start from this snapshot directory instead of booting: guest RAM is
+    /// its memory file mapped copy-on-write.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "snapshot_dir"])]
+    restore: Option<PathBuf>,
+    /// Boot a VM that can be frozen: its RAM is created as `memory` in this
+    /// directory and a freeze (see --control) writes the snapshot there.
+    #[arg(long, requires = "control")]
+    snapshot_dir: Option<PathBuf>,
+    /// Unix socket for control requests (freeze).
     #[arg(long)]
-    kernel: PathBuf,
+    control: Option<PathBuf>,
+    /// Keep running when the process that started this one ends (a clone
+    /// that outlives the command that made it).
+    #[arg(long)]
+    detach: bool,
     /// Initramfs (cpio).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -40,34 +55,53 @@ struct Args {
 
 fn main() {
     let started = now_us();
-    // If whoever started us dies, so do we: no VM outlives its owner.
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal has no memory effects.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let args = Args::parse();
+    if !args.detach {
+        // If whoever started us dies, so do we: no VM outlives its owner.
+        // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal has no memory effects.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    }
     let events = Arc::new(EventSink::new(Box::new(std::io::stdout())));
     events.emit(&Event::Started { t_us: started });
-    let cfg = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        memory_mib: args.memory,
-        vcpus: args.vcpus,
-        vsock_uds: args.vsock.clone(),
-        guest_cid: args.cid,
-        console: match args.console.as_str() {
-            "none" => ConsoleOut::None,
-            "stderr" => ConsoleOut::Stderr,
-            path => ConsoleOut::File(path.into()),
-        },
+    let console = match args.console.as_str() {
+        "none" => ConsoleOut::None,
+        "stderr" => ConsoleOut::Stderr,
+        path => ConsoleOut::File(path.into()),
     };
-    let (reason, message) = match run_vm(&cfg, events.clone()) {
+    let result = match (&args.restore, &args.kernel) {
+        (Some(snapshot), _) => restore_vm(
+            &RestoreConfig {
+                snapshot: snapshot.clone(),
+                vsock_uds: args.vsock.clone(),
+                console,
+            },
+            events.clone(),
+        ),
+        (None, Some(kernel)) => run_vm(
+            &VmConfig {
+                kernel: kernel.clone(),
+                initrd: args.initrd,
+                cmdline: args.cmdline,
+                memory_mib: args.memory,
+                vcpus: args.vcpus,
+                vsock_uds: args.vsock.clone(),
+                guest_cid: args.cid,
+                console,
+                snapshot_dir: args.snapshot_dir,
+                control: args.control.clone(),
+            },
+            events.clone(),
+        ),
+        (None, None) => unreachable!("clap requires --kernel without --restore"),
+    };
+    let (reason, message) = match result {
         Ok(end) => (end.reason, end.message),
         Err(e) => (ExitReason::Error, e.to_string()),
     };
-    if let Some(uds) = &args.vsock {
-        let _ = std::fs::remove_file(uds);
+    for path in [&args.vsock, &args.control].into_iter().flatten() {
+        let _ = std::fs::remove_file(path);
     }
-    if reason != ExitReason::Shutdown {
+    if !matches!(reason, ExitReason::Shutdown | ExitReason::Frozen) {
         eprintln!("zygote-vmm: {message}");
     }
     events.emit(&Event::Exit {

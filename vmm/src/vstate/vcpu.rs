@@ -250,6 +250,22 @@ impl Vcpu {
         Ok(Vcpu { fd, index })
     }
 
+    /// Creates vCPU `state.index` of `vm` and gives it `state`: a clone's
+    /// vCPU continues where the master's stopped.
+    pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<Self, super::state::StateError> {
+        let fd = vm.create_vcpu(u64::from(state.index)).map_err(|source| {
+            super::state::StateError::Kvm {
+                what: "create vCPU",
+                source,
+            }
+        })?;
+        state.restore(&fd)?;
+        Ok(Vcpu {
+            fd,
+            index: state.index,
+        })
+    }
+
     /// This vCPU's index (= APIC ID).
     pub fn index(&self) -> u8 {
         self.index

@@ -1,0 +1,247 @@
+//! The CLI's master, clone and snapshot commands: argument handling and
+//! output; the work is in the `api` library.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use api::clone::{CloneOptions, Started};
+use api::store::Store;
+
+use crate::{MasterCmd, SnapshotCmd};
+
+fn ms(from: u64, to: u64) -> f64 {
+    to.saturating_sub(from) as f64 / 1000.0
+}
+
+pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
+    let store = Store::open_default();
+    match what {
+        MasterCmd::Create {
+            name,
+            vm,
+            warmup,
+            warmup_timeout,
+            console,
+        } => {
+            let opts = api::master::CreateOptions {
+                name,
+                spec: vm.spec(console)?,
+                warmup,
+                boot_timeout: Duration::from_secs(vm.boot_timeout),
+                warmup_timeout: Duration::from_secs(warmup_timeout),
+            };
+            let mut out = std::io::stderr();
+            let rec =
+                api::master::create(&store, &opts, &mut out, &mut |m| eprintln!("zygote: {m}"))?;
+            println!("{}", rec.name);
+            Ok(0)
+        }
+        MasterCmd::Ls { json } => {
+            let clones: Vec<_> = store.clones().into_iter().flatten().collect();
+            let mut rows = Vec::new();
+            for m in store.masters() {
+                match m {
+                    Ok(m) => {
+                        let live = clones
+                            .iter()
+                            .filter(|c| c.master == m.name && c.alive())
+                            .count();
+                        rows.push((m, live));
+                    }
+                    Err(e) => eprintln!("zygote: skipping a master: {e}"),
+                }
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(m, live)| {
+                        let mut v = serde_json::to_value(m).unwrap_or_default();
+                        v["clones"] = (*live).into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>5} {:>7}  WARMUP",
+                    "NAME", "MEMORY", "VCPUS", "CLONES"
+                );
+                for (m, live) in rows {
+                    println!(
+                        "{:<24} {:>5}MiB {:>5} {:>7}  {}",
+                        m.name,
+                        m.memory_mib,
+                        m.vcpus,
+                        live,
+                        m.warmup.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        MasterCmd::Rm { name, force } => {
+            api::master::remove(&store, &name, force)?;
+            Ok(0)
+        }
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+pub fn clone(
+    name: &str,
+    count: usize,
+    detach: bool,
+    parallel: usize,
+    timeout: u64,
+    timings: bool,
+) -> anyhow::Result<i32> {
+    let store = Store::open_default();
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if !detach {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    let opts = CloneOptions {
+        detach,
+        timeout: Duration::from_secs(timeout),
+        parallel,
+    };
+    let results = api::clone::start(&store, name, count, &opts)?;
+    let mut started: Vec<Started> = Vec::new();
+    let mut failed = 0;
+    for r in results {
+        match r {
+            Ok(s) => {
+                println!("{}", s.id);
+                if timings {
+                    let t = &s.timeline;
+                    eprintln!(
+                        "zygote: {}: vCPUs running +{:.1} ms, identity set +{:.1} ms, ping answered +{:.1} ms",
+                        s.id,
+                        t.vcpu_running_us.map_or(f64::NAN, |v| ms(t.spawn_us, v)),
+                        ms(t.spawn_us, t.identity_us),
+                        ms(t.spawn_us, t.ping_us),
+                    );
+                }
+                started.push(s);
+            }
+            Err(e) => {
+                eprintln!("zygote: {e}");
+                failed += 1;
+            }
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    if detach {
+        for s in &mut started {
+            s.release();
+        }
+        return Ok(if failed > 0 { 1 } else { 0 });
+    }
+    // Attached: the clones run until we are interrupted or they all end.
+    eprintln!(
+        "zygote: {} clone(s) running; Ctrl-C stops them",
+        started.len()
+    );
+    while !INTERRUPTED.load(Ordering::SeqCst) && !started.is_empty() {
+        started.retain_mut(|s| match s.child_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            _ => {
+                eprintln!("zygote: clone {} ended", s.id);
+                let _ = api::clone::kill(&store, &s.id);
+                false
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for s in &started {
+        let _ = api::clone::kill(&store, &s.id);
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+pub fn ps(json: bool) -> anyhow::Result<i32> {
+    let store = Store::open_default();
+    let rows: Vec<_> = api::clone::ps(&store)
+        .into_iter()
+        .filter_map(|r| {
+            r.map_err(|e| eprintln!("zygote: skipping a clone: {e}"))
+                .ok()
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<32} {:<20} {:>8} {:>8} {:>12}  STATE",
+        "ID", "MASTER", "PID", "AGE", "PRIVATE"
+    );
+    for r in rows {
+        println!(
+            "{:<32} {:<20} {:>8} {:>7}s {:>12}  {}",
+            r.id,
+            r.master,
+            r.pid,
+            r.age_s,
+            r.private_kib.map_or("-".into(), |k| format!("{k} KiB")),
+            r.state
+        );
+    }
+    Ok(0)
+}
+
+pub fn kill(ids: Vec<String>, all: bool) -> anyhow::Result<i32> {
+    let store = Store::open_default();
+    let ids: Vec<String> = if all {
+        store.clones().into_iter().flatten().map(|c| c.id).collect()
+    } else {
+        ids
+    };
+    let mut failed = 0;
+    for id in ids {
+        if let Err(e) = api::clone::kill(&store, &id) {
+            eprintln!("zygote: {e}");
+            failed += 1;
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+pub fn snapshot(what: SnapshotCmd) -> anyhow::Result<i32> {
+    let store = Store::open_default();
+    match what {
+        SnapshotCmd::Save { name, dir } => {
+            let t = std::time::Instant::now();
+            let stats = api::master::save(&store, &name, &dir)
+                .with_context(|| format!("saving master {name}"))?;
+            eprintln!(
+                "zygote: saved {name} to {} in {:.0} ms: {} MiB of RAM, {} KiB written, {} zero pages skipped",
+                dir.display(),
+                t.elapsed().as_secs_f64() * 1000.0,
+                stats.memory_size >> 20,
+                stats.data_bytes >> 10,
+                stats.zero_pages_skipped
+            );
+            Ok(0)
+        }
+        SnapshotCmd::Load { dir, name } => {
+            let rec = api::master::load(&store, &dir, name.as_deref())
+                .with_context(|| format!("loading {}", dir.display()))?;
+            println!("{}", rec.name);
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Masters: a VM booted once, warmed up, then frozen into a snapshot that
+//! clones start from. Also moving a master to disk and back
+//! (`snapshot save` / `snapshot load`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use proto::ExecRequest;
+
+use crate::agent::{AgentClient, AgentError};
+use crate::store::{check_name, unix_now, MasterRecord, Store, StoreError, RECORD_VERSION};
+use crate::vm::{VmError, VmProcess, VmSpec};
+
+/// Errors making or moving masters.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// The state directory.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The agent failed.
+    #[error("warm-up: {0}")]
+    Agent(#[from] AgentError),
+    /// The warm-up command failed.
+    #[error("the warm-up command failed ({0}); the master was not created")]
+    Warmup(String),
+    /// A snapshot file problem.
+    #[error(transparent)]
+    Snapshot(#[from] snapshotter::Error),
+    /// The snapshot's state is not a VM this zygote can start.
+    #[error("snapshot {path}: {why}")]
+    BadState {
+        /// The snapshot.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Clones of the master still run.
+    #[error("{count} clone(s) of {name:?} still run: kill them first, or pass --force (they keep running)")]
+    InUse {
+        /// Master.
+        name: String,
+        /// Live clones.
+        count: usize,
+    },
+}
+
+/// What `master create` needs.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Master name.
+    pub name: String,
+    /// Image and VM shape (its `snapshot_dir` is set here).
+    pub spec: VmSpec,
+    /// Shell command run (with `sh -c`) before the freeze.
+    pub warmup: Option<String>,
+    /// How long the boot may take.
+    pub boot_timeout: Duration,
+    /// How long the warm-up may take.
+    pub warmup_timeout: Duration,
+}
+
+/// Boots a VM, runs the warm-up (its output goes to `warmup_out`), freezes
+/// it, and records it as master `opts.name`. Nothing is left behind on error.
+pub fn create(
+    store: &Store,
+    opts: &CreateOptions,
+    warmup_out: &mut dyn std::io::Write,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MasterRecord, MasterError> {
+    let tmp = store.new_master_dir(&opts.name)?;
+    let result = create_in(store, &tmp, opts, warmup_out, progress);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn create_in(
+    store: &Store,
+    tmp: &Path,
+    opts: &CreateOptions,
+    warmup_out: &mut dyn std::io::Write,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MasterRecord, MasterError> {
+    let snap_dir = tmp.join("snapshot");
+    std::fs::create_dir(&snap_dir).map_err(|source| StoreError::Io {
+        path: snap_dir.clone(),
+        source,
+    })?;
+    let mut spec = opts.spec.clone();
+    spec.snapshot_dir = Some(snap_dir.clone());
+    let t0 = Instant::now();
+    let mut vm = VmProcess::spawn(&spec)?;
+    progress("booting the master");
+    vm.wait_ready(opts.boot_timeout)?;
+    let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    progress(&format!("agent ready after {:.1} s", boot_ms / 1000.0));
+    let mut warmup_ms = None;
+    if let Some(cmd) = &opts.warmup {
+        progress(&format!("warm-up: {cmd}"));
+        let t = Instant::now();
+        let mut agent = AgentClient::connect(&vm.vsock_path())?;
+        let mut req = ExecRequest::new(vec!["sh".into(), "-c".into(), cmd.clone()]);
+        req.timeout_ms = Some(opts.warmup_timeout.as_millis() as u64);
+        let mut err = std::io::stderr();
+        let status = match agent.exec(req, None, warmup_out, &mut err) {
+            Ok(s) => s,
+            Err(e @ AgentError::Remote { .. }) => return Err(e.into()),
+            Err(_) => return Err(vm.end_error().into()),
+        };
+        if status.shell_code() != 0 {
+            return Err(MasterError::Warmup(format!(
+                "exit code {}",
+                status.shell_code()
+            )));
+        }
+        warmup_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+        // Closed before the freeze: a clone must not inherit a connection.
+        drop(agent);
+    }
+    let frozen = vm.freeze(Duration::from_secs(60))?;
+    progress(&format!(
+        "frozen: vCPUs paused in {:.1} ms, state saved in {:.1} ms",
+        frozen.pause_ms.unwrap_or(0.0),
+        frozen.save_ms.unwrap_or(0.0)
+    ));
+    let rec = MasterRecord {
+        version: RECORD_VERSION,
+        name: opts.name.clone(),
+        memory_mib: spec.memory_mib,
+        vcpus: spec.vcpus,
+        warmup: opts.warmup.clone(),
+        created_unix_s: unix_now(),
+        snapshot: store.master_dir(&opts.name).join("snapshot"),
+        boot_ms: Some(boot_ms),
+        warmup_ms,
+    };
+    store.commit_master(tmp, &rec)?;
+    Ok(rec)
+}
+
+/// Removes master `name`. Refused while clones of it run, unless `force`
+/// (they keep running: their RAM mapping keeps the memory alive).
+pub fn remove(store: &Store, name: &str, force: bool) -> Result<(), MasterError> {
+    store.master(name)?;
+    let live = store
+        .clones()
+        .into_iter()
+        .flatten()
+        .filter(|c| c.master == name && c.alive())
+        .count();
+    if live > 0 && !force {
+        return Err(MasterError::InUse {
+            name: name.to_string(),
+            count: live,
+        });
+    }
+    store.remove_master(name)?;
+    Ok(())
+}
+
+/// Checks that a snapshot's state describes a VM this zygote can start.
+fn check_state(snap: &snapshotter::Snapshot) -> Result<vmm::snapshot::VmSnapshot, MasterError> {
+    let bad = |why: String| MasterError::BadState {
+        path: snap.dir.clone(),
+        why,
+    };
+    let state: vmm::snapshot::VmSnapshot = serde_json::from_str(snap.state_json())
+        .map_err(|e| bad(format!("VM state does not parse: {e}")))?;
+    state
+        .check_layout(vmm::builder::MAX_VCPUS)
+        .map_err(|e| bad(e.to_string()))?;
+    if state.memory_mib << 20 != snap.manifest.memory.size {
+        return Err(bad(format!(
+            "state says {} MiB of RAM, the memory file has {} bytes",
+            state.memory_mib, snap.manifest.memory.size
+        )));
+    }
+    Ok(state)
+}
+
+/// Writes master `name` to `dst` (sparse memory, checksums, atomic).
+pub fn save(store: &Store, name: &str, dst: &Path) -> Result<snapshotter::SaveStats, MasterError> {
+    let rec = store.master(name)?;
+    let snap = snapshotter::open(&rec.snapshot)?;
+    Ok(snapshotter::save(&snap, dst)?)
+}
+
+/// Registers the snapshot in `dir` as master `name` (default: the
+/// directory's name). The memory file is checked once here, then mapped
+/// copy-on-write by every clone straight from `dir`.
+pub fn load(store: &Store, dir: &Path, name: Option<&str>) -> Result<MasterRecord, MasterError> {
+    let dir = std::fs::canonicalize(dir).map_err(|_| snapshotter::Error::NotFound {
+        path: dir.to_path_buf(),
+    })?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default(),
+    };
+    check_name(&name)?;
+    let snap = snapshotter::open(&dir)?;
+    snapshotter::verify_memory(&snap)?;
+    let state = check_state(&snap)?;
+    let tmp = store.new_master_dir(&name)?;
+    let rec = MasterRecord {
+        version: RECORD_VERSION,
+        name: name.clone(),
+        memory_mib: state.memory_mib,
+        vcpus: state.vcpus.len() as u8,
+        warmup: None,
+        created_unix_s: unix_now(),
+        snapshot: dir,
+        boot_ms: None,
+        warmup_ms: None,
+    };
+    let result = store.commit_master(&tmp, &rec);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result?;
+    Ok(rec)
+}

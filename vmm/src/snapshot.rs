@@ -1,0 +1,155 @@
+//! What a frozen VM is, as the VMM writes it into a snapshot's manifest
+//! (the `state` document of `snapshotter`'s format): KVM state of the VM and
+//! each vCPU, each device's state, and the layout they were found at.
+//!
+//! A snapshot is untrusted input when it is read back: every device is
+//! rebuilt at the only addresses this VMM would put it, and queues and
+//! features go through the transport's checks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::mmio::MmioState;
+use crate::layout::{VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::vstate::state::{VcpuState, VmState};
+
+/// Which device model a virtio transport carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// virtio-vsock (host side: a Unix socket, connections are not carried over).
+    Vsock,
+    /// virtio-rng.
+    Rng,
+}
+
+/// One virtio-mmio device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    /// Device model.
+    pub kind: DeviceKind,
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+    /// Transport and queue state.
+    pub mmio: MmioState,
+}
+
+/// The 8250 UART's registers (`vm_superio::SerialState`, which is not serde).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable.
+    pub interrupt_enable: u8,
+    /// Interrupt identification.
+    pub interrupt_identification: u8,
+    /// Line control.
+    pub line_control: u8,
+    /// Line status.
+    pub line_status: u8,
+    /// Modem control.
+    pub modem_control: u8,
+    /// Modem status.
+    pub modem_status: u8,
+    /// Scratch.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            // A guest cannot have queued more than the UART's FIFO.
+            in_buffer: s.in_buffer.iter().take(64).copied().collect(),
+        }
+    }
+}
+
+/// A frozen VM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// Guest RAM in MiB (the memory file's size).
+    pub memory_mib: u64,
+    /// The guest's vsock CID.
+    pub guest_cid: u64,
+    /// The kernel command line it booted with (for humans).
+    pub cmdline: String,
+    /// VM-wide KVM state.
+    pub vm: VmState,
+    /// Each vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// virtio devices, in window order.
+    pub devices: Vec<DeviceSnapshot>,
+    /// The serial console.
+    pub serial: SerialSnapshot,
+}
+
+/// A snapshot that does not describe a VM this VMM can rebuild.
+#[derive(Debug, thiserror::Error)]
+#[error("snapshot state does not fit this VMM: {0}")]
+pub struct LayoutError(pub String);
+
+impl VmSnapshot {
+    /// Checks the parts that the transports do not: vCPU indexes and device
+    /// windows must be exactly where this VMM puts them.
+    pub fn check_layout(&self, max_vcpus: u8) -> Result<(), LayoutError> {
+        if self.vcpus.is_empty() || self.vcpus.len() > usize::from(max_vcpus) {
+            return Err(LayoutError(format!("{} vCPUs", self.vcpus.len())));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.index) != i {
+                return Err(LayoutError(format!("vCPU {i} has index {}", v.index)));
+            }
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let gsi = VIRTIO_FIRST_GSI + i as u32;
+            if d.base != base || d.gsi != gsi {
+                return Err(LayoutError(format!(
+                    "device {i} at {:#x}/GSI {} (expected {base:#x}/GSI {gsi})",
+                    d.base, d.gsi
+                )));
+            }
+        }
+        if self
+            .devices
+            .iter()
+            .filter(|d| d.kind == DeviceKind::Vsock)
+            .count()
+            > 1
+        {
+            return Err(LayoutError("more than one vsock device".into()));
+        }
+        Ok(())
+    }
+}
