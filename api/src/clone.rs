@@ -390,7 +390,10 @@ pub struct CloneStatus {
     pub state: String,
     /// Seconds since it started.
     pub age_s: u64,
-    /// Private memory of the VMM process (Private_Dirty + Private_Clean), KiB.
+    /// Memory only this clone uses: Private_Dirty of the VMM process (its
+    /// copy-on-write guest pages plus the VMM's own heap and stacks), KiB.
+    /// Guest pages it only read are the master's page cache, shared by
+    /// every clone, and counted in `pss_kib` only.
     pub private_kib: Option<u64>,
     /// Proportional set size of the VMM process, KiB.
     pub pss_kib: Option<u64>,
@@ -414,16 +417,15 @@ pub fn ps(store: &Store) -> Vec<Result<CloneStatus, StoreError>> {
         .map(|r| {
             r.map(|rec| {
                 let alive = rec.alive();
-                let private = |pid| {
-                    Some(smaps_rollup(pid, "Private_Dirty")? + smaps_rollup(pid, "Private_Clean")?)
-                };
                 CloneStatus {
                     state: if alive {
                         "running".into()
                     } else {
                         format!("exited: {}", exit_message(&store.clone_dir(&rec.id)))
                     },
-                    private_kib: alive.then(|| private(rec.pid)).flatten(),
+                    private_kib: alive
+                        .then(|| smaps_rollup(rec.pid, "Private_Dirty"))
+                        .flatten(),
                     pss_kib: alive.then(|| smaps_rollup(rec.pid, "Pss")).flatten(),
                     age_s: now.saturating_sub(rec.created_unix_s),
                     id: rec.id,

@@ -153,3 +153,86 @@ impl VmSnapshot {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::mmio::MmioRegisters;
+
+    fn device(kind: DeviceKind, i: u64) -> DeviceSnapshot {
+        DeviceSnapshot {
+            kind,
+            base: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_FIRST_GSI + i as u32,
+            mmio: MmioState {
+                device_type: 0,
+                regs: MmioRegisters::default(),
+                queues: Vec::new(),
+                active_queues: None,
+                interrupt_status: 0,
+                config_generation: 0,
+                needs_reset: false,
+            },
+        }
+    }
+
+    fn vm_and_vcpu() -> (VmState, VcpuState) {
+        use crate::vstate::state::readable_msrs;
+        use crate::vstate::vcpu::Vcpu;
+        use crate::vstate::vm::{create_vm, open_kvm};
+        let kvm = open_kvm().expect("this test needs /dev/kvm");
+        let fd = crate::memory::create_memfd(2 << 20).unwrap();
+        let mem = crate::memory::map_guest_memory(&fd, 2 << 20, libc::MAP_SHARED).unwrap();
+        let vm = create_vm(&kvm, &mem).unwrap();
+        let vcpu = Vcpu::new(&kvm, &vm, 0, 1, None).unwrap();
+        let msrs = readable_msrs(&kvm, vcpu.fd()).unwrap();
+        (
+            VmState::save(&vm).unwrap(),
+            VcpuState::save(vcpu.fd(), 0, &msrs).unwrap(),
+        )
+    }
+
+    #[test]
+    fn devices_and_vcpus_must_be_where_this_vmm_puts_them() {
+        let (vm, vcpu) = vm_and_vcpu();
+        let mut snap = VmSnapshot {
+            memory_mib: 2,
+            guest_cid: 3,
+            cmdline: String::new(),
+            vm,
+            vcpus: vec![vcpu],
+            devices: vec![device(DeviceKind::Vsock, 0), device(DeviceKind::Rng, 1)],
+            serial: SerialSnapshot::default(),
+        };
+        snap.check_layout(4).unwrap();
+
+        snap.devices[1].base += 0x10;
+        let e = snap.check_layout(4).unwrap_err().to_string();
+        assert!(e.contains("device 1"), "{e}");
+        snap.devices[1] = device(DeviceKind::Vsock, 1);
+        assert!(snap.check_layout(4).is_err(), "two vsock devices");
+        snap.devices.pop();
+
+        snap.vcpus[0].index = 1;
+        assert!(snap
+            .check_layout(4)
+            .unwrap_err()
+            .to_string()
+            .contains("index 1"));
+        snap.vcpus.clear();
+        assert!(snap.check_layout(4).is_err(), "no vCPU");
+    }
+
+    #[test]
+    fn serial_state_round_trips_and_bounds_the_fifo() {
+        let s = SerialSnapshot {
+            line_control: 3,
+            scratch: 7,
+            in_buffer: vec![b'x'; 1000],
+            ..Default::default()
+        };
+        let back: vm_superio::serial::SerialState = (&s).into();
+        assert_eq!((back.line_control, back.scratch), (3, 7));
+        assert_eq!(back.in_buffer.len(), 64);
+    }
+}

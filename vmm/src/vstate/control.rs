@@ -21,6 +21,9 @@ use super::state::VcpuState;
 /// Errors pausing vCPUs.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// A vCPU thread ended (the VM is going down) before it could park.
+    #[error("a vCPU stopped running before it could pause (the VM is ending)")]
+    Ended,
     /// Not every vCPU parked in time.
     #[error("{parked} of {expected} vCPUs paused within {timeout:?}")]
     Timeout {
@@ -153,6 +156,9 @@ impl RunControl {
             if shared.parked == expected && saves_done {
                 break;
             }
+            if threads.iter().any(|t| t.is_finished()) {
+                return Err(ControlError::Ended);
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(ControlError::Timeout {
@@ -216,6 +222,19 @@ mod tests {
         fn mmio_read(&self, _: u64, data: &mut [u8]) {
             data.fill(0xff)
         }
+    }
+
+    #[test]
+    fn pausing_a_vm_whose_vcpu_ended_fails_at_once() {
+        let control = RunControl::default();
+        let t = std::thread::spawn(|| ());
+        while !t.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let start = Instant::now();
+        let r = control.pause(std::slice::from_ref(&t), None, Duration::from_secs(30));
+        assert!(matches!(r, Err(ControlError::Ended)), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
