@@ -64,6 +64,35 @@ impl AgentClient {
         Self::over(stream)
     }
 
+    /// Connects to a fresh clone and makes it unique in one round trip: the
+    /// identity and a ping go out right behind the connection request, before
+    /// the agent's hello arrives, so nothing else can run in the guest first.
+    /// Returns the client and when (CLOCK_MONOTONIC µs) the hello, the
+    /// identity's answer and the pong arrived.
+    pub fn connect_identified(
+        uds: &Path,
+        identity: Identity,
+    ) -> Result<(Self, [u64; 3]), AgentError> {
+        let mut stream = connect_vsock(uds, proto::AGENT_VSOCK_PORT)?;
+        HostFrame::Request(Request::Identity(identity)).write_to(&mut stream)?;
+        HostFrame::Request(Request::Ping).write_to(&mut stream)?;
+        let mut client = Self::over(stream)?;
+        let hello = vmm::events::now_us();
+        match client.next()? {
+            AgentFrame::Response(Response::IdentitySet) => {}
+            AgentFrame::Response(Response::Error { code, message }) => {
+                return Err(AgentError::Remote { code, message })
+            }
+            other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+        let identified = vmm::events::now_us();
+        match client.next()? {
+            AgentFrame::Response(Response::Pong { .. }) => {}
+            other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+        Ok((client, [hello, identified, vmm::events::now_us()]))
+    }
+
     /// Uses an already connected stream (reads the hello first).
     pub fn over(mut stream: UnixStream) -> Result<Self, AgentError> {
         match AgentFrame::read_from(&mut stream)? {

@@ -75,6 +75,8 @@ pub struct CloneTimeline {
     pub started_us: Option<u64>,
     /// vCPU 0 resumed the guest.
     pub vcpu_running_us: Option<u64>,
+    /// The agent's hello arrived over a new vsock connection.
+    pub connected_us: u64,
     /// The agent took the clone's identity.
     pub identity_us: u64,
     /// The agent answered a ping.
@@ -246,7 +248,11 @@ fn handshake(mut s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
     let deadline = Instant::now() + timeout;
     let uds = s.dir.join("vsock.sock");
     let mut last = String::from("no vsock socket yet");
-    let mut agent = loop {
+    let identity = fresh_identity(&s.id, &s.id).map_err(|e| CloneError::Agent {
+        id: s.id.clone(),
+        source: AgentError::Output(e),
+    })?;
+    let (agent, [connected_us, identity_us, ping_us]) = loop {
         if let Ok(Some(_)) = s.child.try_wait() {
             let message = exit_message(&s.dir);
             let _ = std::fs::remove_dir_all(&s.dir);
@@ -261,32 +267,21 @@ fn handshake(mut s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
             });
         }
         if uds.exists() {
-            // The guest may reset a connection that races the transport
-            // reset of a fresh clone: try again.
-            match AgentClient::connect(&uds) {
-                Ok(a) => break a,
+            match AgentClient::connect_identified(&uds, identity.clone()) {
+                Ok(r) => break r,
+                // The agent refused the identity: no point in retrying.
+                Err(source @ AgentError::Remote { .. }) => {
+                    discard(&mut s);
+                    return Err(CloneError::Agent { id: s.id, source });
+                }
                 Err(e) => last = e.to_string(),
             }
         }
         std::thread::sleep(Duration::from_micros(500));
     };
-    let identity = fresh_identity(&s.id, &s.id).map_err(|e| CloneError::Agent {
-        id: s.id.clone(),
-        source: AgentError::Output(e),
-    })?;
-    let steps = agent
-        .set_identity(identity)
-        .map(|_| now_us())
-        .and_then(|identity_us| agent.ping().map(|_| (identity_us, now_us())));
-    let (identity_us, ping_us) = match steps {
-        Ok(t) => t,
-        Err(source) => {
-            discard(&mut s);
-            return Err(CloneError::Agent { id: s.id, source });
-        }
-    };
     let mut timeline = CloneTimeline {
         spawn_us: s.spawn_us,
+        connected_us,
         identity_us,
         ping_us,
         ..Default::default()

@@ -127,9 +127,10 @@ pub fn clone(
                 if timings {
                     let t = &s.timeline;
                     eprintln!(
-                        "zygote: {}: vCPUs running +{:.1} ms, identity set +{:.1} ms, ping answered +{:.1} ms",
+                        "zygote: {}: vCPUs running +{:.1} ms, agent connected +{:.1} ms, identity set +{:.1} ms, ping answered +{:.1} ms",
                         s.id,
                         t.vcpu_running_us.map_or(f64::NAN, |v| ms(t.spawn_us, v)),
+                        ms(t.spawn_us, t.connected_us),
                         ms(t.spawn_us, t.identity_us),
                         ms(t.spawn_us, t.ping_us),
                     );

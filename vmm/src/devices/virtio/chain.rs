@@ -10,7 +10,7 @@ use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{warn_limited, Interrupt};
 
@@ -251,6 +251,42 @@ pub(crate) fn notify_used(queue: &mut Queue, mem: &GuestMemoryMmap, irq: &Interr
         Err(e) => {
             warn_limited!("cannot read used_event: {e}");
             irq.signal_used_queue();
+        }
+    }
+}
+
+/// Asks the driver to notify the queue the next time it makes a buffer
+/// available, whatever the device consumed so far. (`enable_notification`
+/// assumes the device consumed every available buffer: with
+/// `VIRTIO_RING_F_EVENT_IDX` it asks for a notification past `next_avail`,
+/// which the driver may have passed long ago.) Returns false if the rings
+/// cannot be accessed (the device then needs a reset).
+pub(crate) fn notify_on_next_avail(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &Interrupt,
+) -> bool {
+    if !queue.event_idx_enabled() {
+        enable_notification(queue, mem, irq);
+        return !irq.needs_reset();
+    }
+    let result = (|| -> Result<(), String> {
+        let idx = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| e.to_string())?;
+        // `avail_event` follows the used ring's entries.
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + 8 * u64::from(queue.size()))
+            .ok_or("used ring address overflows")?;
+        mem.store(idx.0.to_le(), addr, Ordering::Release)
+            .map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            warn_limited!("cannot ask for queue notifications: {e}");
+            irq.set_needs_reset();
+            false
         }
     }
 }

@@ -7,20 +7,22 @@
 //! ways unchanged. If nothing listens on the guest port (`OP_RST`), the Unix stream is closed.
 //!
 //! Not supported (yet): guest-initiated connections (a guest `OP_REQUEST` is answered with
-//! `OP_RST`, so `connect()` in the guest fails), `SEQPACKET` sockets (the feature is not offered)
-//! and the event queue (its buffers are left untouched; a snapshot restore will need
-//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` there).
+//! `OP_RST`, so `connect()` in the guest fails) and `SEQPACKET` sockets (the feature is not
+//! offered). The event queue carries one event: `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` after a
+//! snapshot restore; new host connections wait until the guest has handled it (it hands the
+//! event buffer back, which notifies the event queue) or [`RESET_GRACE`] passed.
 
 mod connection;
 mod muxer;
 pub mod packet;
 
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 
 use event_manager::EventSet;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::muxer::Muxer;
 use self::packet::{VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
@@ -43,6 +45,9 @@ pub const QUEUE_SIZE: u16 = 256;
 /// buffers (128 KiB): less than a connection's 256 KiB of credit, so bulk
 /// host-to-guest data waits for the guest to return buffers, never more.
 pub const RX_QUEUE_SIZE: u16 = 64;
+/// Longest wait, after a restore, for the guest to handle the transport
+/// reset before host connections go through anyway.
+pub const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest size of the event queue (Linux posts 8 event buffers).
 pub const EVENT_QUEUE_SIZE: u16 = 16;
 /// Index of the receive (device → driver) queue.
@@ -61,6 +66,8 @@ pub struct Vsock {
     muxer: Muxer,
     active: Option<Active>,
     scratch: Vec<u8>,
+    /// Ends the wait for the guest's transport reset (see [`RESET_GRACE`]).
+    reset_timer: TimerFd,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -87,6 +94,7 @@ impl Vsock {
             muxer: Muxer::new(guest_cid, uds_path)?,
             active: None,
             scratch: vec![0; MAX_PKT_PAYLOAD],
+            reset_timer: TimerFd::new().map_err(|e| Error::EventFd(e.into()))?,
         })
     }
 
@@ -288,16 +296,26 @@ impl VirtioDevice for Vsock {
                 self.process_tx();
                 self.process_rx();
             }
-            // The device never sends events (yet); the guest's event buffers stay queued.
+            // The guest handed an event buffer back: it has handled the
+            // transport reset, new host connections can go through.
+            EVQ => self.end_reset_wait(),
             _ => {}
         }
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
-        vec![self.muxer.epoll_fd()]
+        vec![self.muxer.epoll_fd(), self.reset_timer.as_raw_fd()]
     }
 
-    fn process_extra_fd(&mut self, _index: usize, _events: EventSet) {
+    fn process_extra_fd(&mut self, index: usize, _events: EventSet) {
+        if index == 1 {
+            let _ = self.reset_timer.wait();
+            if self.muxer.is_held() {
+                warn_limited!("vsock: the guest did not acknowledge the transport reset in time");
+            }
+            self.end_reset_wait();
+            return;
+        }
         self.muxer.process_host_events();
         self.process_rx();
     }
@@ -311,6 +329,7 @@ impl VirtioDevice for Vsock {
     /// (listening sockets stay) and re-reads the guest CID.
     fn restored(&mut self) {
         self.muxer.reset();
+        self.muxer.randomize_ports();
         let Some(Active { mem, queues, irq }) = self.active.as_mut() else {
             return;
         };
@@ -327,7 +346,23 @@ impl VirtioDevice for Vsock {
             Ok(_) | Err(_) => 0,
         };
         chain::add_used(evq, mem, head, len as u32, irq);
+        // Ask to be told when the guest hands the buffer back.
+        chain::notify_on_next_avail(evq, mem, irq);
         irq.signal_used_queue();
+        self.muxer.hold(true);
+        let _ = self.reset_timer.reset(RESET_GRACE, None);
+    }
+}
+
+impl Vsock {
+    fn end_reset_wait(&mut self) {
+        if self.muxer.is_held() {
+            self.muxer.hold(false);
+            let _ = self.reset_timer.clear();
+            // Connections that waited in the backlog.
+            self.muxer.process_host_events();
+            self.process_rx();
+        }
     }
 }
 

@@ -42,6 +42,8 @@ pub(super) struct Muxer {
     guest_cid: u64,
     listener: UnixListener,
     listener_paused: bool,
+    /// New host connections wait in the socket's backlog (see [`Muxer::hold`]).
+    held: bool,
     uds_path: PathBuf,
     epoll: Epoll,
     conns: HashMap<u32, Connection>,
@@ -78,6 +80,7 @@ impl Muxer {
             guest_cid,
             listener,
             listener_paused: false,
+            held: false,
             uds_path: uds_path.to_path_buf(),
             epoll,
             conns: HashMap::new(),
@@ -143,8 +146,41 @@ impl Muxer {
         }
     }
 
+    /// Leaves new host connections in the Unix socket's backlog (`hold`)
+    /// or takes them again: a restored guest must finish its transport
+    /// reset first, or the reset would also drop the new connections.
+    pub fn hold(&mut self, hold: bool) {
+        self.held = hold;
+        if hold {
+            self.pause_listener();
+        } else {
+            self.resume_listener();
+        }
+    }
+
+    /// Starts host port numbers at a random point: a restored guest may
+    /// still hold sockets of the master's connections, and a new connection
+    /// from the same host port would be taken for one of them.
+    pub fn randomize_ports(&mut self) {
+        let mut b = [0u8; 4];
+        // SAFETY: the pointer and length describe `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        let r = if n == 4 {
+            u32::from_ne_bytes(b)
+        } else {
+            crate::events::now_us() as u32
+        };
+        // Somewhere in the first half of the range, far from its end.
+        self.next_port = FIRST_LOCAL_PORT + (r & ((1 << 29) - 1));
+    }
+
+    /// Whether new connections are held.
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
     fn resume_listener(&mut self) {
-        if self.listener_paused {
+        if self.listener_paused && !self.held {
             let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
             if self
                 .epoll

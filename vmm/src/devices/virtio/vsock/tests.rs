@@ -1213,7 +1213,49 @@ fn restore_tells_the_guest_its_transport_was_reset() {
         irq.status() & crate::devices::virtio::VIRTIO_MMIO_INT_VRING,
         0
     );
+
+    // Until the guest hands the event buffer back, a new host connection
+    // waits: the reset would drop it too.
+    g.fill_rx(64);
+    let mut b = Direct { dev };
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    for _ in 0..5 {
+        b.pump(20);
+        assert!(
+            g.recv(&mut b).is_empty(),
+            "request sent before the reset was handled"
+        );
+    }
+    g.ev.add_chain(&[(EV_BUF, 8, true)]);
+    b.kick(EVQ);
+    let (req, _) = wait_one(&mut b, &mut g);
+    assert_eq!(req.op, OP_REQUEST);
+    assert_eq!(req.dst_port, 52);
+    drop(s);
+
+    // A guest that never hands it back holds connections for RESET_GRACE
+    // at most.
+    b.dev.restored();
+    assert!(g.ev.pop_used().is_some());
+    let start = Instant::now();
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 53\n").unwrap();
+    let timer = b.dev.extra_fds()[1];
+    assert!(poll_in(timer, 5000), "the grace timer fires");
+    b.dev.process_extra_fd(1, EventSet::IN);
+    assert!(start.elapsed() >= RESET_GRACE - Duration::from_millis(50));
+    let mut req = None;
+    for _ in 0..50 {
+        b.pump(20);
+        if let Some((h, _)) = g.recv(&mut b).into_iter().find(|(h, _)| h.op == OP_REQUEST) {
+            req = Some(h);
+            break;
+        }
+    }
+    assert_eq!(req.expect("request after the grace period").dst_port, 53);
+
     // Without an event buffer, nothing breaks.
-    dev.restored();
+    b.dev.restored();
     assert!(g.ev.pop_used().is_none());
 }
