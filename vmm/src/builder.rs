@@ -481,7 +481,22 @@ fn restore_err(e: impl std::fmt::Display) -> BuildError {
 /// mapped copy-on-write (nothing is copied up front), then VM, vCPU and
 /// device state are restored and the vCPUs resume where the master stopped.
 pub fn restore_vm(cfg: &RestoreConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildError> {
-    let snap = snapshotter::open(&cfg.snapshot).map_err(restore_err)?;
+    let prepared = prepare_restore(&cfg.snapshot)?;
+    run_restored(&prepared, cfg, events)
+}
+
+/// A snapshot read and its memory mapped: everything of a restore that
+/// does not involve KVM. (A process that holds one can `fork()` clones
+/// that only do the KVM part: see [`crate::fork_bench`].)
+pub struct PreparedRestore {
+    state: VmSnapshot,
+    mem: GuestMemoryMmap,
+}
+
+/// Reads and checks the snapshot at `dir` and maps its memory
+/// copy-on-write.
+pub fn prepare_restore(dir: &std::path::Path) -> Result<PreparedRestore, BuildError> {
+    let snap = snapshotter::open(dir).map_err(restore_err)?;
     let state: VmSnapshot = serde_json::from_str(snap.state_json())
         .map_err(|e| restore_err(format!("snapshot state: {e}")))?;
     state.check_layout(MAX_VCPUS).map_err(restore_err)?;
@@ -491,11 +506,23 @@ pub fn restore_vm(cfg: &RestoreConfig, events: Arc<EventSink>) -> Result<VmEnd, 
             state.memory_mib, snap.manifest.memory.size
         )));
     }
-    let kvm = vm::open_kvm()?;
     // Read-only: the master's RAM is never written through this file.
     let file = File::open(snap.memory_path())
         .map_err(|e| restore_err(format!("cannot open {}: {e}", snap.memory_path().display())))?;
     let mem = memory::map_guest_memory(&file, snap.manifest.memory.size, libc::MAP_PRIVATE)?;
+    Ok(PreparedRestore { state, mem })
+}
+
+/// Creates the KVM VM for a prepared snapshot, restores VM, vCPU and device
+/// state, and runs it to its end.
+pub fn run_restored(
+    prepared: &PreparedRestore,
+    cfg: &RestoreConfig,
+    events: Arc<EventSink>,
+) -> Result<VmEnd, BuildError> {
+    let PreparedRestore { state, mem } = prepared;
+    let mem = mem.clone();
+    let kvm = vm::open_kvm()?;
     let vmfd = vm::create_vm(&kvm, &mem)?;
     state.vm.restore(&vmfd).map_err(restore_err)?;
 

@@ -17,6 +17,7 @@ pub mod builder;
 pub mod ctl;
 pub mod devices;
 pub mod events;
+pub mod fork_bench;
 pub mod layout;
 pub mod memory;
 pub mod snapshot;

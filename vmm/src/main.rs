@@ -26,6 +26,11 @@ struct Args {
     /// Unix socket for control requests (freeze).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Measure N clone starts of the --restore snapshot as a fresh process
+    /// and as a fork() of a prepared one; prints one JSON object (µs).
+    /// Sockets go in the directory given with --vsock.
+    #[arg(long, requires_all = ["restore", "vsock"], hide = true)]
+    fork_bench: Option<usize>,
     /// Keep running when the process that started this one ends (a clone
     /// that outlives the command that made it).
     #[arg(long)]
@@ -60,6 +65,18 @@ fn main() {
         // If whoever started us dies, so do we: no VM outlives its owner.
         // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal has no memory effects.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    }
+    if let (Some(n), Some(snapshot), Some(dir)) = (args.fork_bench, &args.restore, &args.vsock) {
+        match vmm::fork_bench::run(snapshot, n, dir) {
+            Ok(r) => {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("zygote-vmm: fork bench: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     let events = Arc::new(EventSink::new(Box::new(std::io::stdout())));
     events.emit(&Event::Started { t_us: started });
