@@ -129,7 +129,7 @@ enum Cmd {
 enum MasterCmd {
     /// Boot a VM, run the warm-up in it, freeze it as master NAME.
     Create {
-        /// Master name (a-z, 0-9, '-', '_', '.').
+        /// Master name (a-z, 0-9, '-', '.'; it becomes part of clone hostnames).
         name: String,
         #[command(flatten)]
         vm: VmArgs,

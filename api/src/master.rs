@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use proto::ExecRequest;
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{fresh_identity, AgentClient, AgentError};
 use crate::store::{check_name, unix_now, MasterRecord, Store, StoreError, RECORD_VERSION};
 use crate::vm::{VmError, VmProcess, VmSpec};
 
@@ -98,11 +98,19 @@ fn create_in(
     vm.wait_ready(opts.boot_timeout)?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
     progress(&format!("agent ready after {:.1} s", boot_ms / 1000.0));
+    // The master gets an identity too (its own name and the host's clock,
+    // which the warm-up then sees), and the connection it arrives on
+    // rehearses what every clone does first: the code and kernel paths of
+    // a connection, an identity and a ping are then paged in in the frozen
+    // guest, and clones do not pay those page faults again.
+    let mut agent = AgentClient::connect(&vm.vsock_path())?;
+    let identity =
+        fresh_identity(&format!("{}-master", opts.name), &opts.name).map_err(AgentError::Output)?;
+    agent.set_identity(identity)?;
     let mut warmup_ms = None;
     if let Some(cmd) = &opts.warmup {
         progress(&format!("warm-up: {cmd}"));
         let t = Instant::now();
-        let mut agent = AgentClient::connect(&vm.vsock_path())?;
         let mut req = ExecRequest::new(vec!["sh".into(), "-c".into(), cmd.clone()]);
         req.timeout_ms = Some(opts.warmup_timeout.as_millis() as u64);
         let mut err = std::io::stderr();
@@ -118,9 +126,10 @@ fn create_in(
             )));
         }
         warmup_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
-        // Closed before the freeze: a clone must not inherit a connection.
-        drop(agent);
     }
+    agent.ping()?;
+    // Closed before the freeze: a clone must not inherit a connection.
+    drop(agent);
     let frozen = vm.freeze(Duration::from_secs(60))?;
     progress(&format!(
         "frozen: vCPUs paused in {:.1} ms, state saved in {:.1} ms",

@@ -23,7 +23,7 @@ pub const RECORD_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A name that cannot be a master name.
-    #[error("invalid name {0:?}: use 1-40 characters from a-z, 0-9, '-', '_' and '.', starting with a letter or digit")]
+    #[error("invalid name {0:?}: use 1-40 characters from a-z, 0-9, '-' and '.', starting with a letter or digit (it becomes part of hostnames)")]
     BadName(String),
     /// No such master.
     #[error("no master named {0:?} (see `zygote master ls`)")]
@@ -124,7 +124,7 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -334,10 +334,19 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        for good in ["web", "py3.12", "a-b_c", "0day"] {
+        for good in ["web", "py3.12", "a-b-c", "0day"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "Web", "-x", ".hidden", "a/b", "a b", &"x".repeat(41)] {
+        for bad in [
+            "",
+            "Web",
+            "-x",
+            ".hidden",
+            "a/b",
+            "a b",
+            "a_b",
+            &"x".repeat(41),
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -48,6 +48,9 @@ pub const RX_QUEUE_SIZE: u16 = 64;
 /// Longest wait, after a restore, for the guest to handle the transport
 /// reset before host connections go through anyway.
 pub const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// While waiting for the guest to handle the transport reset, the device
+/// raises the interrupt again this often.
+pub const RESET_NUDGE: std::time::Duration = std::time::Duration::from_millis(50);
 /// Largest size of the event queue (Linux posts 8 event buffers).
 pub const EVENT_QUEUE_SIZE: u16 = 16;
 /// Index of the receive (device → driver) queue.
@@ -66,8 +69,10 @@ pub struct Vsock {
     muxer: Muxer,
     active: Option<Active>,
     scratch: Vec<u8>,
-    /// Ends the wait for the guest's transport reset (see [`RESET_GRACE`]).
+    /// Ticks while waiting for the guest's transport reset (see [`RESET_GRACE`]).
     reset_timer: TimerFd,
+    /// When that wait ends at the latest.
+    reset_deadline: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -95,6 +100,7 @@ impl Vsock {
             active: None,
             scratch: vec![0; MAX_PKT_PAYLOAD],
             reset_timer: TimerFd::new().map_err(|e| Error::EventFd(e.into()))?,
+            reset_deadline: None,
         })
     }
 
@@ -310,10 +316,19 @@ impl VirtioDevice for Vsock {
     fn process_extra_fd(&mut self, index: usize, _events: EventSet) {
         if index == 1 {
             let _ = self.reset_timer.wait();
-            if self.muxer.is_held() {
+            let late = self
+                .reset_deadline
+                .is_none_or(|d| std::time::Instant::now() >= d);
+            if !self.muxer.is_held() {
+                self.end_reset_wait();
+            } else if late {
                 warn_limited!("vsock: the guest did not acknowledge the transport reset in time");
+                self.end_reset_wait();
+            } else if let Some(a) = self.active.as_ref() {
+                // The interrupt may have reached a guest that was not ready
+                // for it: raise it again (the event stays in the used ring).
+                a.irq.signal_used_queue();
             }
-            self.end_reset_wait();
             return;
         }
         self.muxer.process_host_events();
@@ -350,7 +365,8 @@ impl VirtioDevice for Vsock {
         chain::notify_on_next_avail(evq, mem, irq);
         irq.signal_used_queue();
         self.muxer.hold(true);
-        let _ = self.reset_timer.reset(RESET_GRACE, None);
+        self.reset_deadline = Some(std::time::Instant::now() + RESET_GRACE);
+        let _ = self.reset_timer.reset(RESET_NUDGE, Some(RESET_NUDGE));
     }
 }
 
@@ -359,6 +375,7 @@ impl Vsock {
         if self.muxer.is_held() {
             self.muxer.hold(false);
             let _ = self.reset_timer.clear();
+            self.reset_deadline = None;
             // Connections that waited in the backlog.
             self.muxer.process_host_events();
             self.process_rx();
