@@ -211,6 +211,7 @@ impl Store {
         }
         let masters = self.root.join("masters");
         mkdir(&masters)?;
+        remove_abandoned(&masters);
         let tmp = masters.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         mkdir(&tmp)?;
@@ -304,6 +305,26 @@ impl Store {
     pub fn remove_master(&self, name: &str) -> Result<(), StoreError> {
         let dir = self.master_dir(name);
         std::fs::remove_dir_all(&dir).map_err(io(&dir))
+    }
+}
+
+/// Removes `.NAME.partial-PID` directories whose `zygote` process is gone
+/// (a `master create` that was killed): they may hold a master's RAM.
+fn remove_abandoned(masters: &Path) {
+    let Ok(rd) = std::fs::read_dir(masters) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(".partial-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
