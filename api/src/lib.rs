@@ -8,9 +8,11 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_clone;
 pub mod clone;
 pub mod master;
 pub mod paths;
+pub mod peer;
 pub mod plot;
 pub mod run;
 pub mod stats;

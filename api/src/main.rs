@@ -194,6 +194,97 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Clone a warm master N times and compare with its cold boot (and with
+    /// QEMU restoring a saved VM).
+    Clone(BenchCloneArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchCloneArgs {
+    /// Guest RAM of the master, in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest kernel (default: the one scripts/setup built).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest root filesystem, an initramfs (default: the one scripts/setup built).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// How long a cold boot may take to reach the guest agent, in seconds.
+    #[arg(long, default_value_t = 180)]
+    boot_timeout: u64,
+    /// Clones started one after another, and again in parallel.
+    #[arg(long, default_value_t = 20)]
+    count: usize,
+    /// Clones brought up at once (parallel rate, density).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Warm-up shell command run in the master before the freeze ('' for none).
+    #[arg(long, default_value = api::bench_clone::DEFAULT_WARMUP)]
+    warmup: String,
+    /// Also time QEMU restoring a saved VM (`qemu`).
+    #[arg(long, value_parser = ["qemu"])]
+    peer: Option<String>,
+    /// Also start clones until --density-limit are alive (or memory runs low).
+    #[arg(long)]
+    density: bool,
+    /// How many clones --density stops at.
+    #[arg(long, default_value_t = 400)]
+    density_limit: usize,
+    /// RAM of a second master (no warm-up) whose clones are timed too, MiB; 0 skips it.
+    #[arg(long, default_value_t = 2048)]
+    big_memory: u64,
+    /// Write the latency CDF plot here (SVG; '' for none).
+    #[arg(long, default_value = "bench-clone.svg")]
+    plot: String,
+    /// Do not write the plot.
+    #[arg(long)]
+    no_plot: bool,
+    /// Measure the idle clone for 10 s instead of 30 s.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
+    let spec = api::run::spec(
+        a.kernel.as_deref(),
+        a.rootfs.as_deref(),
+        a.memory,
+        a.vcpus,
+        false,
+    )?;
+    let opts = api::bench_clone::CloneBenchOptions {
+        spec,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+        count: a.count,
+        parallel: a.parallel,
+        warmup: a.warmup,
+        peer_qemu: a.peer.is_some(),
+        density: a.density,
+        density_limit: a.density_limit,
+        big_memory_mib: a.big_memory,
+        idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
+    };
+    api::bench_clone::install_interrupt_handler();
+    let report = api::bench_clone::bench_clone(&opts, &mut |msg| eprintln!("zygote bench: {msg}"))
+        .context("clone benchmark")?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !a.no_plot && !a.plot.is_empty() {
+        let path = PathBuf::from(&a.plot);
+        report.write_plot(&path).context("clone benchmark plot")?;
+        eprintln!("zygote bench: plot written to {}", path.display());
+    }
+    Ok(if report.errors.is_empty() { 0 } else { 1 })
 }
 
 fn main() -> ExitCode {
@@ -270,5 +361,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Bench {
+            what: BenchCmd::Clone(args),
+        } => bench_clone(args),
     }
 }

@@ -1,0 +1,1686 @@
+//! `zygote bench clone`: boot one master cold, warm it up, freeze it, then
+//! time its clones against that cold boot (and, with `--peer qemu`, against
+//! QEMU restoring a saved VM): clone latency by phase, creation rate one at a
+//! time and in parallel, an idle clone's CPU and private memory, the same
+//! clone latency from a much bigger master, and (with `--density`) how many
+//! clones one host keeps alive.
+//!
+//! Everything the run creates (masters, clones, VM runtime directories) lives
+//! in a private state root of its own, never the user's masters, and is
+//! removed on every path by [`Workspace`]'s `Drop`.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use proto::ExecRequest;
+use serde::Serialize;
+
+use crate::agent::AgentError;
+use crate::clone::{CloneError, CloneOptions, Started};
+use crate::master::{CreateOptions, MasterError};
+use crate::peer::QemuRestoreSample;
+use crate::plot::{PlotError, Series};
+use crate::stats::{rss_kib, Summary};
+use crate::store::{MasterRecord, Store};
+use crate::vm::VmSpec;
+
+/// The default warm-up: a few seconds of guest shell work that leaves state
+/// behind (a file in tmpfs and a running process).
+pub const DEFAULT_WARMUP: &str = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+    echo warm > /tmp/state; sleep 100000 >/dev/null 2>&1 &";
+
+/// Name of the master the clones come from.
+const MASTER: &str = "bench";
+/// Name of the big master (memory-size independence).
+const BIG_MASTER: &str = "bench-big";
+/// Clones of the big master.
+const BIG_CLONES: usize = 5;
+/// QEMU restores (at most).
+const QEMU_RESTORES: usize = 5;
+/// Pause between a clone answering and the idle measurement.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+/// `--density` stops below this much host `MemAvailable`.
+const DENSITY_MIN_AVAILABLE_KIB: u64 = 2 << 20;
+/// `--density` stops starting clones after this long.
+const DENSITY_TIME_LIMIT: Duration = Duration::from_secs(600);
+/// How long pinging every clone of `--density` may take; clones that have not
+/// answered by then are killed (and counted as not answering).
+const DENSITY_PING_LIMIT: Duration = Duration::from_secs(300);
+/// Threads that ping the density clones.
+const PING_THREADS: usize = 8;
+/// How long one clone may take to answer its ping.
+const CLONE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time limit of `exec true` in a clone.
+const EXEC_TIMEOUT_MS: u64 = 120_000;
+
+/// Errors of `zygote bench clone` that stop the run.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneBenchError {
+    /// Making a master failed.
+    #[error("master {name}: {source}")]
+    Master {
+        /// Master name.
+        name: String,
+        /// Why.
+        #[source]
+        source: MasterError,
+    },
+    /// Starting a clone failed.
+    #[error(transparent)]
+    Clone(#[from] CloneError),
+    /// Talking to a clone's agent failed.
+    #[error("clone {id}: {source}")]
+    Agent {
+        /// Clone id.
+        id: String,
+        /// Why.
+        #[source]
+        source: AgentError,
+    },
+    /// The private state directory.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something measured is not what it should be.
+    #[error("{0}")]
+    Failed(String),
+    /// SIGINT or SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CloneBenchOptions {
+    /// Image and VM shape of the master (`memory_mib`: its RAM).
+    pub spec: VmSpec,
+    /// How long a cold boot may take to reach the agent.
+    pub boot_timeout: Duration,
+    /// Clones started one after another, and clones started in parallel.
+    pub count: usize,
+    /// Clones brought up at once (parallel rate and density).
+    pub parallel: usize,
+    /// Warm-up shell command (`sh -c`); empty for none.
+    pub warmup: String,
+    /// Also time QEMU's save/restore.
+    pub peer_qemu: bool,
+    /// Also fill the host with clones.
+    pub density: bool,
+    /// `--density` stops at this many clones.
+    pub density_limit: usize,
+    /// RAM of the second master, MiB (0: skip it).
+    pub big_memory_mib: u64,
+    /// How long the idle clone's CPU time is measured.
+    pub idle_window: Duration,
+}
+
+/// One clone started on its own.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloneSample {
+    /// Spawn → the VMM's `main` ran.
+    pub started_ms: Option<f64>,
+    /// Spawn → vCPUs resumed the guest.
+    pub running_ms: Option<f64>,
+    /// Spawn → the agent took the clone's identity.
+    pub identity_ms: f64,
+    /// Spawn → the agent answered a ping.
+    pub ready_ms: f64,
+    /// Ping answered → `exec true` answered (0 when not measured).
+    pub exec_true_ms: f64,
+    /// Wall time of the whole `clone::start` call.
+    pub start_call_ms: f64,
+    /// Private memory of the VMM after `exec true`, KiB.
+    pub private_kib_after_exec: Option<u64>,
+    /// Guest pages copied (anonymous) after `exec true`, KiB.
+    pub guest_copied_kib_after_exec: Option<u64>,
+}
+
+/// The cold boot of the master.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdSample {
+    /// VMM spawn → agent ready.
+    pub boot_ms: f64,
+    /// The warm-up command (0 without one).
+    pub warmup_ms: f64,
+    /// `boot_ms + warmup_ms`: when a warmed VM could answer.
+    pub ready_ms: f64,
+}
+
+/// Where a VMM process's memory is, from /proc/PID/smaps (KiB).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryBreakdown {
+    /// Private_Dirty + Private_Clean, all mappings.
+    pub private_kib: u64,
+    /// Pss, all mappings.
+    pub pss_kib: u64,
+    /// Rss, all mappings.
+    pub rss_kib: u64,
+    /// Private pages of the guest RAM mapping: the clone's copies of the
+    /// master's pages (copy-on-write faults) and pages the master never had.
+    pub guest_private_kib: u64,
+    /// Resident pages of the guest RAM mapping (mostly the master's, shared).
+    pub guest_rss_kib: u64,
+    /// Private pages of every other mapping: the VMM's own (heap, stacks,
+    /// binary, KVM's per-vCPU pages).
+    pub vmm_private_kib: u64,
+    /// Anonymous pages of the guest RAM mapping: the pages this clone
+    /// copied (written after the restore). "Private" above also counts
+    /// master pages that merely no other process maps at the moment.
+    pub guest_anon_kib: u64,
+    /// Anonymous pages of every other mapping (heap, stacks).
+    pub vmm_anon_kib: u64,
+}
+
+/// An idle clone.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleResult {
+    /// Length of the CPU measurement.
+    pub window_s: f64,
+    /// utime + stime of the VMM over the window, clock ticks.
+    pub cpu_ticks: u64,
+    /// Clock ticks per second.
+    pub clk_tck: u64,
+    /// % of one host core.
+    pub cpu_pct: f64,
+    /// Memory when the window started.
+    pub memory_start: MemoryBreakdown,
+    /// Memory when the window ended.
+    pub memory: MemoryBreakdown,
+    /// RssAnon + RssFile + RssShmem from /proc/PID/status, at the end.
+    pub status_rss: Option<(u64, u64, u64, u64)>,
+}
+
+/// Clones started in parallel.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParallelResult {
+    /// Clones at once.
+    pub parallel: usize,
+    /// Clones that answered.
+    pub started: usize,
+    /// Clones that failed.
+    pub failed: usize,
+    /// `clone::start` call → all answered.
+    pub wall_ms: f64,
+    /// Spawn → ping answered, each clone.
+    pub ready_ms: Vec<f64>,
+}
+
+/// Clones of the big master.
+#[derive(Debug, Clone, Serialize)]
+pub struct BigResult {
+    /// Its RAM, MiB.
+    pub memory_mib: u64,
+    /// Its cold boot to agent ready.
+    pub boot_ms: f64,
+    /// Its clones.
+    pub clones: Vec<CloneSample>,
+}
+
+/// `--density`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DensityResult {
+    /// The limit asked for.
+    pub limit: usize,
+    /// Clones started.
+    pub started: usize,
+    /// Clones that answered the final ping.
+    pub alive: usize,
+    /// Why no more clones were started.
+    pub stop_reason: String,
+    /// Sum of the clones' Pss, KiB.
+    pub total_pss_kib: u64,
+    /// Sum of the clones' private memory, KiB.
+    pub total_private_kib: u64,
+    /// Sum of the clones' anonymous memory (copied guest pages, heaps), KiB.
+    pub total_anon_kib: u64,
+    /// Host MemAvailable before the first clone, KiB.
+    pub mem_available_before_kib: u64,
+    /// Host MemAvailable with every clone alive, KiB.
+    pub mem_available_after_kib: u64,
+    /// Spawn → ping answered, each clone, in start order.
+    pub ready_ms: Vec<f64>,
+    /// Starting all of them.
+    pub start_wall_ms: f64,
+    /// Pinging all of them.
+    pub ping_wall_ms: f64,
+    /// Killing all of them.
+    pub kill_wall_ms: f64,
+}
+
+/// Results of `zygote bench clone`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloneReport {
+    /// Master RAM, MiB.
+    pub memory_mib: u64,
+    /// Master vCPUs.
+    pub vcpus: u8,
+    /// The warm-up command.
+    pub warmup: String,
+    /// Disk blocks of the master's memory file (the pages it touched), KiB.
+    pub master_allocated_kib: Option<u64>,
+    /// The master's cold boot (one: each costs a whole boot).
+    pub cold: Vec<ColdSample>,
+    /// Clones started one after another.
+    pub clones: Vec<CloneSample>,
+    /// Clones started in parallel.
+    pub parallel: Option<ParallelResult>,
+    /// An idle clone.
+    pub idle: Option<IdleResult>,
+    /// Clones of the big master.
+    pub big: Option<BigResult>,
+    /// QEMU restores.
+    pub qemu: Option<Vec<QemuRestoreSample>>,
+    /// `--density`.
+    pub density: Option<DensityResult>,
+    /// Optional parts that failed (the rest was measured).
+    pub errors: Vec<String>,
+}
+
+// ---------------------------------------------------------------- /proc
+
+/// utime + stime (clock ticks) from the text of /proc/PID/stat.
+pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name is in parentheses and may contain spaces; fields
+    // after it start at field 3 (state): utime is field 14, stime 15.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// utime + stime of process `pid`, clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    parse_stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clk_tck() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// `ticks` of CPU time over `wall`, as % of one core.
+pub fn cpu_pct(ticks: u64, clk_tck: u64, wall: Duration) -> f64 {
+    let wall = wall.as_secs_f64();
+    if wall <= 0.0 || clk_tck == 0 {
+        return 0.0;
+    }
+    ticks as f64 / clk_tck as f64 / wall * 100.0
+}
+
+/// A field of /proc/meminfo text, KiB.
+pub fn parse_meminfo(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Host MemAvailable, KiB.
+pub fn mem_available_kib() -> Option<u64> {
+    parse_meminfo(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable",
+    )
+}
+
+fn is_mapping_header(line: &str) -> bool {
+    let Some(range) = line.split_whitespace().next() else {
+        return false;
+    };
+    let mut ends = range.splitn(2, '-');
+    let hex = |s: Option<&str>| {
+        s.is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    hex(ends.next()) && hex(ends.next())
+}
+
+/// Sorts the text of /proc/PID/smaps into guest RAM (the mapping of the file
+/// `guest_ram`) and everything else.
+pub fn parse_smaps(text: &str, guest_ram: &str) -> MemoryBreakdown {
+    let mut m = MemoryBreakdown::default();
+    let mut guest = false;
+    for line in text.lines() {
+        if is_mapping_header(line) {
+            let path = line
+                .split_whitespace()
+                .skip(5)
+                .collect::<Vec<_>>()
+                .join(" ");
+            guest = !guest_ram.is_empty() && path.trim_end_matches(" (deleted)") == guest_ram;
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let (Some(name), Some(value)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(kib) = value.parse::<u64>() else {
+            continue;
+        };
+        match name {
+            "Rss:" => {
+                m.rss_kib += kib;
+                if guest {
+                    m.guest_rss_kib += kib;
+                }
+            }
+            "Pss:" => m.pss_kib += kib,
+            "Anonymous:" => {
+                if guest {
+                    m.guest_anon_kib += kib;
+                } else {
+                    m.vmm_anon_kib += kib;
+                }
+            }
+            "Private_Clean:" | "Private_Dirty:" => {
+                m.private_kib += kib;
+                if guest {
+                    m.guest_private_kib += kib;
+                } else {
+                    m.vmm_private_kib += kib;
+                }
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+/// The memory of VMM `pid` whose guest RAM is the file `guest_ram`.
+pub fn memory_of(pid: u32, guest_ram: &str) -> Option<MemoryBreakdown> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(parse_smaps(&text, guest_ram))
+}
+
+// ---------------------------------------------------------------- signals
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM stop the run at the next step (so that
+/// everything it made is cleaned up) instead of killing this process.
+pub fn install_interrupt_handler() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+fn check_interrupted() -> Result<(), CloneBenchError> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(CloneBenchError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- workspace
+
+/// The run's private state root and the clones alive in it. Dropping it
+/// kills every clone and removes the whole directory (masters included).
+struct Workspace {
+    root: PathBuf,
+    store: Store,
+    live: Vec<Started>,
+}
+
+impl Workspace {
+    fn new() -> Result<Self, CloneBenchError> {
+        let root = crate::vm::runtime_root().join(format!("bench-clone-{}", std::process::id()));
+        // A leftover of a killed run that had the same pid.
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(|source| CloneBenchError::Io {
+                path: root.clone(),
+                source,
+            })?;
+        Ok(Workspace {
+            store: Store::at(root.clone()),
+            root,
+            live: Vec::new(),
+        })
+    }
+
+    fn kill_live(&mut self) {
+        let mut live = std::mem::take(&mut self.live);
+        kill_clones(&self.store, &mut live);
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        self.kill_live();
+        for rec in self.store.clones().into_iter().flatten() {
+            let _ = crate::clone::kill(&self.store, &rec.id);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+        if let Some(parent) = self.root.parent() {
+            // Only when empty: it may be the user's state root.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Kills clones (SIGKILL to all first, then reaps each) and removes their
+/// files.
+fn kill_clones(store: &Store, clones: &mut Vec<Started>) {
+    for s in clones.iter_mut() {
+        if let Some(c) = s.child_mut() {
+            let _ = c.kill();
+        }
+    }
+    for mut s in clones.drain(..) {
+        if let Some(c) = s.child_mut() {
+            let _ = c.wait();
+        }
+        let _ = crate::clone::kill(store, &s.id);
+    }
+}
+
+fn ms_between(from: u64, to: u64) -> f64 {
+    to.saturating_sub(from) as f64 / 1000.0
+}
+
+fn sample_of(s: &Started, start_call_ms: f64) -> CloneSample {
+    let t = &s.timeline;
+    CloneSample {
+        started_ms: t.started_us.map(|v| ms_between(t.spawn_us, v)),
+        running_ms: t.vcpu_running_us.map(|v| ms_between(t.spawn_us, v)),
+        identity_ms: ms_between(t.spawn_us, t.identity_us),
+        ready_ms: ms_between(t.spawn_us, t.ping_us),
+        exec_true_ms: 0.0,
+        start_call_ms,
+        private_kib_after_exec: None,
+        guest_copied_kib_after_exec: None,
+    }
+}
+
+fn elapsed_ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn guest_ram_path(rec: &MasterRecord) -> String {
+    let p = rec.snapshot.join(snapshotter::MEMORY_FILE);
+    std::fs::canonicalize(&p)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
+}
+
+struct Ctx<'a> {
+    ws: Workspace,
+    opts: &'a CloneBenchOptions,
+    progress: &'a mut dyn FnMut(&str),
+}
+
+impl Ctx<'_> {
+    fn say(&mut self, msg: &str) {
+        (self.progress)(msg);
+    }
+
+    fn clone_opts(&self, parallel: usize) -> CloneOptions {
+        CloneOptions {
+            detach: false,
+            timeout: CLONE_TIMEOUT,
+            parallel,
+        }
+    }
+
+    fn make_master(
+        &mut self,
+        name: &str,
+        memory_mib: u64,
+        warmup: Option<String>,
+        boot_timeout: Duration,
+    ) -> Result<MasterRecord, CloneBenchError> {
+        let mut spec = self.opts.spec.clone();
+        spec.memory_mib = memory_mib;
+        spec.runtime_root = Some(self.ws.root.join("vm"));
+        let create = CreateOptions {
+            name: name.to_string(),
+            spec,
+            warmup,
+            boot_timeout,
+            warmup_timeout: Duration::from_secs(600),
+        };
+        let store = self.ws.store.clone();
+        let progress = &mut *self.progress;
+        let rec = crate::master::create(&store, &create, &mut std::io::sink(), &mut |m| {
+            progress(&format!("master {name} ({memory_mib} MiB): {m}"))
+        })
+        .map_err(|source| CloneBenchError::Master {
+            name: name.to_string(),
+            source,
+        })?;
+        check_interrupted()?;
+        Ok(rec)
+    }
+
+    /// Starts one clone of `master` on its own; it stays in `ws.live`.
+    fn start_one(&mut self, master: &str) -> Result<CloneSample, CloneBenchError> {
+        let t = Instant::now();
+        let mut results = start_guarded(&self.ws.store, master, 1, &self.clone_opts(1))?;
+        let call_ms = elapsed_ms(t);
+        let s = results
+            .pop()
+            .ok_or_else(|| CloneBenchError::Failed("clone::start returned nothing".into()))??;
+        let sample = sample_of(&s, call_ms);
+        self.ws.live.push(s);
+        Ok(sample)
+    }
+
+    fn exec_true(&mut self) -> Result<f64, CloneBenchError> {
+        let s = self.ws.live.last_mut().expect("a live clone");
+        let mut req = ExecRequest::new(["true"]);
+        req.timeout_ms = Some(EXEC_TIMEOUT_MS);
+        let t = Instant::now();
+        let (status, _, _) =
+            s.agent
+                .exec_collect(req)
+                .map_err(|source| CloneBenchError::Agent {
+                    id: s.id.clone(),
+                    source,
+                })?;
+        let ms = elapsed_ms(t);
+        if !status.success() {
+            return Err(CloneBenchError::Failed(format!(
+                "clone {}: `true` failed: {status:?}",
+                s.id
+            )));
+        }
+        Ok(ms)
+    }
+
+    fn sequential(&mut self, guest_ram: &str) -> Result<Vec<CloneSample>, CloneBenchError> {
+        let n = self.opts.count;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            check_interrupted()?;
+            let mut sample = self.start_one(MASTER)?;
+            sample.exec_true_ms = self.exec_true()?;
+            let pid = self.ws.live.last().map(|s| s.pid).unwrap_or(0);
+            let mem = memory_of(pid, guest_ram);
+            sample.private_kib_after_exec = mem.map(|m| m.private_kib);
+            sample.guest_copied_kib_after_exec = mem.map(|m| m.guest_anon_kib);
+            self.ws.kill_live();
+            self.say(&format!(
+                "clone {}/{n}: vCPUs running +{:.1} ms, identity +{:.1} ms, ping +{:.1} ms, then `exec true` {:.0} ms",
+                i + 1,
+                sample.running_ms.unwrap_or(f64::NAN),
+                sample.identity_ms,
+                sample.ready_ms,
+                sample.exec_true_ms
+            ));
+            out.push(sample);
+        }
+        Ok(out)
+    }
+
+    fn idle(&mut self, guest_ram: &str) -> Result<IdleResult, CloneBenchError> {
+        check_interrupted()?;
+        self.start_one(MASTER)?;
+        let pid = self.ws.live.last().map(|s| s.pid).unwrap_or(0);
+        let window = self.opts.idle_window;
+        self.say(&format!(
+            "idle clone: settling {:.0} s, then measuring CPU for {:.0} s",
+            IDLE_SETTLE.as_secs_f64(),
+            window.as_secs_f64()
+        ));
+        std::thread::sleep(IDLE_SETTLE);
+        let memory_start = memory_of(pid, guest_ram).unwrap_or_default();
+        let t0 = Instant::now();
+        let c0 = cpu_ticks(pid);
+        let deadline = t0 + window;
+        while Instant::now() < deadline {
+            check_interrupted()?;
+            std::thread::sleep(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(200)),
+            );
+        }
+        let c1 = cpu_ticks(pid);
+        let wall = t0.elapsed();
+        let memory = memory_of(pid, guest_ram).unwrap_or_default();
+        let status_rss = rss_kib(pid);
+        let (Some(c0), Some(c1)) = (c0, c1) else {
+            return Err(CloneBenchError::Failed(
+                "idle clone: cannot read its /proc/PID/stat (did it end?)".into(),
+            ));
+        };
+        self.ws.kill_live();
+        let tck = clk_tck();
+        let ticks = c1.saturating_sub(c0);
+        Ok(IdleResult {
+            window_s: wall.as_secs_f64(),
+            cpu_ticks: ticks,
+            clk_tck: tck,
+            cpu_pct: cpu_pct(ticks, tck, wall),
+            memory_start,
+            memory,
+            status_rss,
+        })
+    }
+
+    fn parallel(&mut self) -> Result<ParallelResult, CloneBenchError> {
+        check_interrupted()?;
+        let (n, k) = (self.opts.count, self.opts.parallel.max(1));
+        let t = Instant::now();
+        let results = start_guarded(&self.ws.store, MASTER, n, &self.clone_opts(k))?;
+        let wall_ms = elapsed_ms(t);
+        let mut out = ParallelResult {
+            parallel: k,
+            started: 0,
+            failed: 0,
+            wall_ms,
+            ready_ms: Vec::new(),
+        };
+        let mut first_error = None;
+        for r in results {
+            match r {
+                Ok(s) => {
+                    out.started += 1;
+                    out.ready_ms.push(sample_of(&s, 0.0).ready_ms);
+                    self.ws.live.push(s);
+                }
+                Err(e) => {
+                    out.failed += 1;
+                    first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        self.ws.kill_live();
+        if let Some(e) = first_error {
+            self.say(&format!("parallel: {} clone(s) failed: {e}", out.failed));
+        }
+        if out.started == 0 {
+            return Err(CloneBenchError::Failed("parallel: no clone started".into()));
+        }
+        Ok(out)
+    }
+
+    fn big(&mut self) -> Result<BigResult, CloneBenchError> {
+        let mib = self.opts.big_memory_mib;
+        // The guest's early memory setup grows with its RAM.
+        let timeout = self
+            .opts
+            .boot_timeout
+            .max(Duration::from_secs(60 + mib / 4));
+        let rec = self.make_master(BIG_MASTER, mib, None, timeout)?;
+        let mut clones = Vec::new();
+        for i in 0..BIG_CLONES {
+            check_interrupted()?;
+            let s = self.start_one(BIG_MASTER)?;
+            self.ws.kill_live();
+            self.say(&format!(
+                "{mib} MiB master, clone {}/{BIG_CLONES}: vCPUs running +{:.1} ms, ping +{:.1} ms",
+                i + 1,
+                s.running_ms.unwrap_or(f64::NAN),
+                s.ready_ms
+            ));
+            clones.push(s);
+        }
+        let _ = crate::master::remove(&self.ws.store, BIG_MASTER, true);
+        Ok(BigResult {
+            memory_mib: mib,
+            boot_ms: rec.boot_ms.unwrap_or(0.0),
+            clones,
+        })
+    }
+
+    fn density(&mut self) -> Result<DensityResult, CloneBenchError> {
+        let limit = self.opts.density_limit;
+        let k = self.opts.parallel.max(1);
+        let before = mem_available_kib().unwrap_or(0);
+        let t0 = Instant::now();
+        let mut ready_ms = Vec::new();
+        let mut clones: Vec<Started> = Vec::new();
+        let mut last_report = 0;
+        let stop_reason = loop {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                break "interrupted".to_string();
+            }
+            if clones.len() >= limit {
+                break format!("reached --density-limit {limit}");
+            }
+            if t0.elapsed() >= DENSITY_TIME_LIMIT {
+                break format!(
+                    "time limit: {:.0} s of starting clones",
+                    DENSITY_TIME_LIMIT.as_secs_f64()
+                );
+            }
+            let avail = mem_available_kib().unwrap_or(u64::MAX);
+            if avail < DENSITY_MIN_AVAILABLE_KIB {
+                break format!(
+                    "host MemAvailable {} MiB < {} MiB",
+                    avail >> 10,
+                    DENSITY_MIN_AVAILABLE_KIB >> 10
+                );
+            }
+            let batch = k.min(limit - clones.len());
+            let results = match start_guarded(&self.ws.store, MASTER, batch, &self.clone_opts(k)) {
+                Ok(r) => r,
+                Err(e) => break format!("clone start failed: {e}"),
+            };
+            let mut failure = None;
+            for r in results {
+                match r {
+                    Ok(s) => {
+                        ready_ms.push(sample_of(&s, 0.0).ready_ms);
+                        clones.push(s);
+                    }
+                    Err(e) => {
+                        failure.get_or_insert(format!("a clone failed to start: {e}"));
+                    }
+                }
+            }
+            if clones.len() >= last_report + 50 || failure.is_some() {
+                last_report = clones.len();
+                let last = &ready_ms[ready_ms.len().saturating_sub(batch)..];
+                self.say(&format!(
+                    "density: {} clones alive after {:.0} s, last batch ready in {:.0}-{:.0} ms, MemAvailable {} MiB",
+                    clones.len(),
+                    t0.elapsed().as_secs_f64(),
+                    last.iter().copied().fold(f64::INFINITY, f64::min),
+                    last.iter().copied().fold(0.0, f64::max),
+                    mem_available_kib().unwrap_or(0) >> 10
+                ));
+            }
+            if let Some(f) = failure {
+                break f;
+            }
+        };
+        let start_wall_ms = elapsed_ms(t0);
+        let started = clones.len();
+        self.say(&format!(
+            "density: stopped at {started} clones ({stop_reason}); pinging each"
+        ));
+        let after = mem_available_kib().unwrap_or(0);
+        let (mut pss, mut private, mut anon) = (0, 0, 0);
+        for s in &clones {
+            anon += crate::clone::smaps_rollup(s.pid, "Anonymous").unwrap_or(0);
+            pss += crate::clone::smaps_rollup(s.pid, "Pss").unwrap_or(0);
+            private += crate::clone::smaps_rollup(s.pid, "Private_Dirty").unwrap_or(0)
+                + crate::clone::smaps_rollup(s.pid, "Private_Clean").unwrap_or(0);
+        }
+        let t = Instant::now();
+        let alive = ping_all(&mut clones, PING_THREADS, DENSITY_PING_LIMIT);
+        let ping_wall_ms = elapsed_ms(t);
+        self.say(&format!(
+            "density: {alive}/{started} answered in {:.0} ms; killing them",
+            ping_wall_ms
+        ));
+        let t = Instant::now();
+        kill_clones(&self.ws.store, &mut clones);
+        let kill_wall_ms = elapsed_ms(t);
+        Ok(DensityResult {
+            limit,
+            started,
+            alive,
+            stop_reason,
+            total_pss_kib: pss,
+            total_private_kib: private,
+            total_anon_kib: anon,
+            mem_available_before_kib: before,
+            mem_available_after_kib: after,
+            ready_ms,
+            start_wall_ms,
+            ping_wall_ms,
+            kill_wall_ms,
+        })
+    }
+}
+
+/// How long past its own timeout a `clone::start` call may run before its
+/// clones are killed.
+const START_GRACE: Duration = Duration::from_secs(15);
+
+/// `clone::start`, but a call that runs past `opts.timeout` (per batch) has
+/// the VMMs it started killed, which ends whatever read it is blocked in:
+/// a clone whose guest accepts the vsock connection but never says hello
+/// would otherwise hold the handshake forever.
+fn start_guarded(
+    store: &Store,
+    master: &str,
+    count: usize,
+    opts: &CloneOptions,
+) -> Result<Vec<Result<Started, CloneError>>, CloneError> {
+    let before: std::collections::HashSet<String> =
+        store.clones().into_iter().flatten().map(|c| c.id).collect();
+    let batches = count.div_ceil(opts.parallel.max(1)).max(1) as u32;
+    let limit = (opts.timeout + START_GRACE) * batches;
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let before = &before;
+        scope.spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                for c in store.clones().into_iter().flatten() {
+                    if c.master == master && !before.contains(&c.id) && c.alive() {
+                        // SAFETY: kill(2) on a pid the record shows is this
+                        // clone's VMM (same start time), a child of ours.
+                        unsafe { libc::kill(c.pid as libc::pid_t, libc::SIGKILL) };
+                    }
+                }
+            }
+        });
+        let r = crate::clone::start(store, master, count, opts);
+        drop(tx);
+        r
+    })
+}
+
+/// Pings every clone over its open connection, `threads` at a time; clones
+/// that have not answered within `limit` are killed (which ends their
+/// pings). Returns how many answered.
+fn ping_all(clones: &mut [Started], threads: usize, limit: Duration) -> usize {
+    if clones.is_empty() {
+        return 0;
+    }
+    let answered: Vec<AtomicBool> = clones.iter().map(|_| AtomicBool::new(false)).collect();
+    let pids: Vec<u32> = clones.iter().map(|s| s.pid).collect();
+    let chunk = clones.len().div_ceil(threads.max(1));
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let (answered, pids) = (&answered, &pids);
+        scope.spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                for (i, pid) in pids.iter().enumerate() {
+                    if !answered[i].load(Ordering::SeqCst) {
+                        // SAFETY: kill(2) on the pid of a child we have not reaped.
+                        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+                    }
+                }
+            }
+        });
+        let workers: Vec<_> = clones
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(c, part)| {
+                scope.spawn(move || {
+                    for (j, s) in part.iter_mut().enumerate() {
+                        if s.agent.ping().is_ok() {
+                            answered[c * chunk + j].store(true, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            let _ = w.join();
+        }
+        drop(tx);
+    });
+    answered.iter().filter(|a| a.load(Ordering::SeqCst)).count()
+}
+
+/// Runs the whole benchmark. Optional parts that fail (QEMU peer, big
+/// master, density) are noted in [`CloneReport::errors`]; the rest stops
+/// the run. Everything it made is gone when it returns.
+pub fn bench_clone(
+    opts: &CloneBenchOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<CloneReport, CloneBenchError> {
+    if opts.count == 0 {
+        return Err(CloneBenchError::Failed("--count must be at least 1".into()));
+    }
+    let ws = Workspace::new()?;
+    let mut ctx = Ctx { ws, opts, progress };
+    let mut report = CloneReport {
+        memory_mib: opts.spec.memory_mib,
+        vcpus: opts.spec.vcpus,
+        warmup: opts.warmup.clone(),
+        ..Default::default()
+    };
+
+    // 1. The master: the one cold boot.
+    let warmup = (!opts.warmup.trim().is_empty()).then(|| opts.warmup.clone());
+    let rec = ctx.make_master(MASTER, opts.spec.memory_mib, warmup, opts.boot_timeout)?;
+    let boot_ms = rec.boot_ms.unwrap_or(0.0);
+    let warmup_ms = rec.warmup_ms.unwrap_or(0.0);
+    report.cold.push(ColdSample {
+        boot_ms,
+        warmup_ms,
+        ready_ms: boot_ms + warmup_ms,
+    });
+    let guest_ram = guest_ram_path(&rec);
+    report.master_allocated_kib = std::fs::metadata(&guest_ram)
+        .ok()
+        .map(|m| m.blocks() * 512 / 1024);
+    ctx.say(&format!(
+        "cold boot {boot_ms:.0} ms + warm-up {warmup_ms:.0} ms"
+    ));
+
+    // 2. Clones one after another.
+    report.clones = ctx.sequential(&guest_ram)?;
+
+    // 4. An idle clone.
+    let idle = ctx.idle(&guest_ram)?;
+    ctx.say(&format!(
+        "idle clone: {:.2}% of a core over {:.0} s, {} KiB private",
+        idle.cpu_pct, idle.window_s, idle.memory.private_kib
+    ));
+    report.idle = Some(idle);
+
+    // 3. Clones in parallel.
+    let par = ctx.parallel()?;
+    ctx.say(&format!(
+        "parallel: {} clones ({} at once) answered in {:.0} ms",
+        par.started, par.parallel, par.wall_ms
+    ));
+    report.parallel = Some(par);
+
+    // 5. The big master.
+    if opts.big_memory_mib > 0 {
+        check_interrupted()?;
+        match ctx.big() {
+            Ok(b) => report.big = Some(b),
+            Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+            Err(e) => {
+                ctx.say(&format!("big master: {e}"));
+                let _ = crate::master::remove(&ctx.ws.store, BIG_MASTER, true);
+                report
+                    .errors
+                    .push(format!("{} MiB master: {e}", opts.big_memory_mib));
+            }
+        }
+    }
+
+    // 6. QEMU's save/restore.
+    if opts.peer_qemu {
+        check_interrupted()?;
+        let n = opts.count.min(QEMU_RESTORES);
+        let progress = &mut *ctx.progress;
+        let r = crate::peer::qemu_restore(&opts.spec, opts.boot_timeout, n, &mut |m| progress(m));
+        check_interrupted()?;
+        match r {
+            Ok(s) => report.qemu = Some(s),
+            Err(e) => {
+                ctx.say(&format!("qemu peer: {e}"));
+                report.errors.push(format!("qemu peer: {e}"));
+            }
+        }
+    }
+
+    // 7. Density.
+    if opts.density {
+        check_interrupted()?;
+        match ctx.density() {
+            Ok(d) => report.density = Some(d),
+            Err(e) => report.errors.push(format!("density: {e}")),
+        }
+        check_interrupted()?;
+    }
+
+    ctx.say("cleaning up");
+    drop(ctx);
+    Ok(report)
+}
+
+// ---------------------------------------------------------------- report
+
+fn summary(v: impl IntoIterator<Item = f64>) -> Option<Summary> {
+    Summary::of(&v.into_iter().collect::<Vec<_>>())
+}
+
+fn p50(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    summary(v).map(|s| s.p50)
+}
+
+impl CloneReport {
+    /// Spawn → vCPUs running of the master's clones.
+    pub fn clone_running(&self) -> Option<Summary> {
+        summary(self.clones.iter().filter_map(|s| s.running_ms))
+    }
+
+    /// Spawn → ping answered of the master's clones.
+    pub fn clone_ready(&self) -> Option<Summary> {
+        summary(self.clones.iter().map(|s| s.ready_ms))
+    }
+
+    /// Cold boot + warm-up → ready.
+    pub fn cold_ready(&self) -> Option<Summary> {
+        summary(self.cold.iter().map(|c| c.ready_ms))
+    }
+
+    /// QEMU: new process → restored VM running.
+    pub fn qemu_restore(&self) -> Option<Summary> {
+        summary(self.qemu.iter().flatten().map(|q| q.restore_running_ms))
+    }
+
+    /// cold_ready p50 / clone_ready p50.
+    pub fn ratio_cold_over_clone(&self) -> Option<f64> {
+        Some(self.cold_ready()?.p50 / self.clone_ready()?.p50)
+    }
+
+    /// clone_running p50 / qemu_restore p50 (below 1.0: clones win).
+    pub fn ratio_clone_over_qemu_restore(&self) -> Option<f64> {
+        Some(self.clone_running()?.p50 / self.qemu_restore()?.p50)
+    }
+
+    /// Clones per second, one after another: N / the sum of the start calls.
+    pub fn clones_per_s_sequential(&self) -> Option<f64> {
+        let total: f64 = self.clones.iter().map(|s| s.start_call_ms).sum();
+        (total > 0.0).then(|| self.clones.len() as f64 / (total / 1000.0))
+    }
+
+    /// Clones per second in parallel.
+    pub fn clones_per_s(&self) -> Option<f64> {
+        let p = self.parallel.as_ref()?;
+        (p.wall_ms > 0.0).then(|| p.started as f64 / (p.wall_ms / 1000.0))
+    }
+
+    /// The JSON object `--json` prints.
+    pub fn to_json(&self) -> serde_json::Value {
+        let cl = |f: fn(&CloneSample) -> Option<f64>| summary(self.clones.iter().filter_map(f));
+        let mut out = serde_json::json!({
+            "memory_mib": self.memory_mib,
+            "vcpus": self.vcpus,
+            "warmup": self.warmup,
+            "cold_samples": self.cold.len(),
+            "cold_boot_ms": summary(self.cold.iter().map(|c| c.boot_ms)),
+            "warmup_ms": summary(self.cold.iter().map(|c| c.warmup_ms)),
+            "cold_ready_ms": self.cold_ready(),
+            "clone_samples": self.clones.len(),
+            "clone_started_ms": cl(|s| s.started_ms),
+            "clone_running_ms": self.clone_running(),
+            "clone_identity_ms": cl(|s| Some(s.identity_ms)),
+            "clone_ready_ms": self.clone_ready(),
+            "clone_exec_true_ms": cl(|s| Some(s.exec_true_ms)),
+            "clone_private_kib_after_exec": summary(
+                self.clones.iter().filter_map(|s| s.private_kib_after_exec.map(|k| k as f64))
+            ),
+            "clone_guest_copied_kib_after_exec": summary(
+                self.clones.iter().filter_map(|s| s.guest_copied_kib_after_exec.map(|k| k as f64))
+            ),
+            "ratio_cold_over_clone": self.ratio_cold_over_clone(),
+            "clones_per_s": self.clones_per_s(),
+            "clones_per_s_sequential": self.clones_per_s_sequential(),
+            "master_ram_kib": self.memory_mib * 1024,
+            "master_allocated_kib": self.master_allocated_kib,
+            "errors": self.errors,
+        });
+        if let Some(p) = &self.parallel {
+            out["parallel"] = serde_json::json!({
+                "clones": p.started,
+                "failed": p.failed,
+                "at_once": p.parallel,
+                "wall_ms": p.wall_ms,
+                "ready_ms": summary(p.ready_ms.iter().copied()),
+            });
+        }
+        if let Some(i) = &self.idle {
+            out["clone_idle_cpu_pct"] = i.cpu_pct.into();
+            out["clone_idle_window_s"] = i.window_s.into();
+            out["clone_private_kib"] = i.memory.private_kib.into();
+            out["clone_pss_kib"] = i.memory.pss_kib.into();
+            out["clone_anon_kib"] = (i.memory.guest_anon_kib + i.memory.vmm_anon_kib).into();
+            out["clone_guest_copied_kib"] = i.memory.guest_anon_kib.into();
+            out["clone_memory"] = serde_json::json!({
+                "at_window_start": i.memory_start,
+                "at_window_end": i.memory,
+            });
+        }
+        if let Some(b) = &self.big {
+            let running = summary(b.clones.iter().filter_map(|s| s.running_ms));
+            out["big_master"] = serde_json::json!({
+                "memory_mib": b.memory_mib,
+                "cold_boot_ms": b.boot_ms,
+                "clone_running_ms": running,
+                "clone_ready_ms": summary(b.clones.iter().map(|s| s.ready_ms)),
+            });
+            out["clone_running_ms_p50_by_memory_mib"] = serde_json::json!({
+                self.memory_mib.to_string(): self.clone_running().map(|s| s.p50),
+                b.memory_mib.to_string(): running.map(|s| s.p50),
+            });
+        }
+        if let Some(q) = &self.qemu {
+            out["qemu_restore_ms"] = serde_json::json!(self.qemu_restore());
+            out["qemu_save_ms"] = serde_json::json!(q.first().map(|s| s.save_ms));
+            out["qemu_state_bytes"] = serde_json::json!(q.first().map(|s| s.state_bytes));
+            out["ratio_clone_over_qemu_restore"] =
+                serde_json::json!(self.ratio_clone_over_qemu_restore());
+        }
+        if let Some(d) = &self.density {
+            out["density_alive"] = d.alive.into();
+            out["density"] = serde_json::json!({
+                "limit": d.limit,
+                "started": d.started,
+                "alive": d.alive,
+                "stop_reason": d.stop_reason,
+                "total_pss_kib": d.total_pss_kib,
+                "total_private_kib": d.total_private_kib,
+                "total_anon_kib": d.total_anon_kib,
+                "mem_available_before_kib": d.mem_available_before_kib,
+                "mem_available_after_kib": d.mem_available_after_kib,
+                "ready_ms": summary(d.ready_ms.iter().copied()),
+                "start_wall_ms": d.start_wall_ms,
+                "ping_wall_ms": d.ping_wall_ms,
+                "kill_wall_ms": d.kill_wall_ms,
+            });
+        }
+        out
+    }
+
+    /// The human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut t = String::new();
+        let row = |t: &mut String, name: &str, n: usize, s: Option<Summary>| {
+            if let Some(s) = s {
+                t.push_str(&format!(
+                    "{name:<46} {n:>4} {:>10.1} {:>10.1} {:>10.1}\n",
+                    s.min, s.p50, s.max
+                ));
+            }
+        };
+        t.push_str(&format!(
+            "{:<46} {:>4} {:>10} {:>10} {:>10}\n",
+            "phase (ms)", "n", "min", "p50", "max"
+        ));
+        let m = self.memory_mib;
+        let nc = self.cold.len();
+        row(
+            &mut t,
+            "cold: process start -> agent ready",
+            nc,
+            summary(self.cold.iter().map(|c| c.boot_ms)),
+        );
+        row(
+            &mut t,
+            "cold: warm-up command",
+            nc,
+            summary(self.cold.iter().map(|c| c.warmup_ms)),
+        );
+        row(
+            &mut t,
+            "cold: boot + warm-up -> ready",
+            nc,
+            self.cold_ready(),
+        );
+        let cl = |f: fn(&CloneSample) -> Option<f64>| {
+            let v: Vec<f64> = self.clones.iter().filter_map(f).collect();
+            (v.len(), Summary::of(&v))
+        };
+        let n = self.clones.len();
+        let (ns, s) = cl(|s| s.started_ms);
+        row(&mut t, "clone: spawn -> VMM main", ns, s);
+        let (nr, s) = cl(|s| s.running_ms);
+        row(
+            &mut t,
+            &format!("clone ({m} MiB): spawn -> vCPUs running"),
+            nr,
+            s,
+        );
+        row(
+            &mut t,
+            "clone: spawn -> identity set",
+            n,
+            cl(|s| Some(s.identity_ms)).1,
+        );
+        row(
+            &mut t,
+            "clone: spawn -> ping answered",
+            n,
+            self.clone_ready(),
+        );
+        row(
+            &mut t,
+            "clone: ping -> `exec true` answered",
+            n,
+            cl(|s| Some(s.exec_true_ms)).1,
+        );
+        if let Some(p) = &self.parallel {
+            row(
+                &mut t,
+                &format!("clone, {} at once: spawn -> ping", p.parallel),
+                p.ready_ms.len(),
+                summary(p.ready_ms.iter().copied()),
+            );
+        }
+        if let Some(b) = &self.big {
+            let v: Vec<f64> = b.clones.iter().filter_map(|s| s.running_ms).collect();
+            row(
+                &mut t,
+                &format!("clone ({} MiB): spawn -> vCPUs running", b.memory_mib),
+                v.len(),
+                Summary::of(&v),
+            );
+            row(
+                &mut t,
+                &format!("clone ({} MiB): spawn -> ping answered", b.memory_mib),
+                b.clones.len(),
+                summary(b.clones.iter().map(|s| s.ready_ms)),
+            );
+        }
+        if let Some(q) = &self.qemu {
+            row(
+                &mut t,
+                "qemu: -incoming spawn -> running",
+                q.len(),
+                self.qemu_restore(),
+            );
+        }
+        if let Some(d) = &self.density {
+            row(
+                &mut t,
+                "density clones: spawn -> ping answered",
+                d.ready_ms.len(),
+                summary(d.ready_ms.iter().copied()),
+            );
+        }
+        t.push('\n');
+        if nc == 1 {
+            t.push_str("(one cold boot: each costs a whole boot)\n");
+        }
+        if let Some(r) = self.ratio_cold_over_clone() {
+            t.push_str(&format!(
+                "ratio cold boot + warm-up / clone -> ping, p50: {r:.0}x\n"
+            ));
+        }
+        if let Some(b) = &self.big {
+            let big = p50(b.clones.iter().filter_map(|s| s.running_ms));
+            if let (Some(a), Some(z)) = (self.clone_running().map(|s| s.p50), big) {
+                t.push_str(&format!(
+                    "clone -> vCPUs running p50 by master RAM: {m} MiB {a:.1} ms, {} MiB {z:.1} ms (cold boot of the {} MiB master: {:.0} ms)\n",
+                    b.memory_mib, b.memory_mib, b.boot_ms
+                ));
+            }
+        }
+        if let Some(q) = &self.qemu {
+            if let Some(s) = q.first() {
+                t.push_str(&format!(
+                    "qemu save (migrate to file): {:.1} ms, state {} KiB\n",
+                    s.save_ms,
+                    s.state_bytes >> 10
+                ));
+            }
+            if let Some(r) = self.ratio_clone_over_qemu_restore() {
+                t.push_str(&format!(
+                    "ratio clone -> vCPUs running / qemu restore -> running, p50: {r:.4}\n"
+                ));
+            }
+        }
+        if let Some(r) = self.clones_per_s_sequential() {
+            t.push_str(&format!("clones/s one at a time: {r:.1}\n"));
+        }
+        if let (Some(r), Some(p)) = (self.clones_per_s(), &self.parallel) {
+            t.push_str(&format!(
+                "clones/s, {} at once: {r:.1} ({} clones in {:.0} ms{})\n",
+                p.parallel,
+                p.started,
+                p.wall_ms,
+                if p.failed > 0 {
+                    format!(", {} failed", p.failed)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if let Some(i) = &self.idle {
+            let mm = &i.memory;
+            t.push_str(&format!(
+                "idle clone CPU over {:.0} s: {:.2}% of one core ({} ticks at {}/s)\n",
+                i.window_s, i.cpu_pct, i.cpu_ticks, i.clk_tck
+            ));
+            t.push_str(&format!(
+                "idle clone memory: private {} KiB = guest RAM {} KiB (copied: {} KiB anonymous) + rest of the VMM {} KiB ({} KiB anonymous); Pss {} KiB; Rss {} KiB (guest RAM {} KiB); master RAM {} KiB\n",
+                mm.private_kib,
+                mm.guest_private_kib,
+                mm.guest_anon_kib,
+                mm.vmm_private_kib,
+                mm.vmm_anon_kib,
+                mm.pss_kib,
+                mm.rss_kib,
+                mm.guest_rss_kib,
+                m * 1024
+            ));
+        }
+        if let Some(s) = summary(
+            self.clones
+                .iter()
+                .filter_map(|s| s.private_kib_after_exec.map(|k| k as f64)),
+        ) {
+            let copied = summary(
+                self.clones
+                    .iter()
+                    .filter_map(|s| s.guest_copied_kib_after_exec.map(|k| k as f64)),
+            );
+            t.push_str(&format!(
+                "clone private memory after `exec true`: p50 {:.0} KiB (max {:.0}); guest pages copied p50 {:.0} KiB\n",
+                s.p50,
+                s.max,
+                copied.map_or(f64::NAN, |c| c.p50)
+            ));
+        }
+        if let Some(a) = self.master_allocated_kib {
+            t.push_str(&format!(
+                "master memory file: {a} KiB allocated of {} KiB\n",
+                m * 1024
+            ));
+        }
+        if let Some(d) = &self.density {
+            t.push_str(&format!(
+                "density: {} of {} clones answered (stopped: {}); Pss total {} MiB, private total {} MiB, anonymous total {} MiB; MemAvailable {} -> {} MiB; started in {:.0} s, pinged in {:.0} ms, killed in {:.0} ms\n",
+                d.alive,
+                d.started,
+                d.stop_reason,
+                d.total_pss_kib >> 10,
+                d.total_private_kib >> 10,
+                d.total_anon_kib >> 10,
+                d.mem_available_before_kib >> 10,
+                d.mem_available_after_kib >> 10,
+                d.start_wall_ms / 1000.0,
+                d.ping_wall_ms,
+                d.kill_wall_ms
+            ));
+        }
+        for e in &self.errors {
+            t.push_str(&format!("not measured: {e}\n"));
+        }
+        t
+    }
+
+    /// The series of the CDF plot.
+    pub fn plot_series(&self) -> Vec<Series> {
+        let m = self.memory_mib;
+        let mut v = vec![
+            Series {
+                name: format!("clone ({m} MiB) → vCPUs running"),
+                samples_ms: self.clones.iter().filter_map(|s| s.running_ms).collect(),
+            },
+            Series {
+                name: "clone → ping answered".into(),
+                samples_ms: self.clones.iter().map(|s| s.ready_ms).collect(),
+            },
+            Series {
+                name: "clone → exec true answered".into(),
+                samples_ms: self
+                    .clones
+                    .iter()
+                    .map(|s| s.ready_ms + s.exec_true_ms)
+                    .collect(),
+            },
+        ];
+        if let Some(b) = &self.big {
+            v.push(Series {
+                name: format!("clone ({} MiB) → vCPUs running", b.memory_mib),
+                samples_ms: b.clones.iter().filter_map(|s| s.running_ms).collect(),
+            });
+        }
+        if let Some(q) = &self.qemu {
+            v.push(Series {
+                name: "QEMU restore → running".into(),
+                samples_ms: q.iter().map(|s| s.restore_running_ms).collect(),
+            });
+        }
+        v.push(Series {
+            name: "cold boot + warm-up → ready".into(),
+            samples_ms: self.cold.iter().map(|c| c.ready_ms).collect(),
+        });
+        v
+    }
+
+    /// Writes the CDF plot to `path`.
+    pub fn write_plot(&self, path: &Path) -> Result<(), PlotError> {
+        crate::plot::latency_cdf_svg(
+            path,
+            &format!(
+                "zygote: clone vs cold boot ({} MiB, {} vCPU)",
+                self.memory_mib, self.vcpus
+            ),
+            &self.plot_series(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clone(running: f64, ready: f64) -> CloneSample {
+        CloneSample {
+            started_ms: Some(1.0),
+            running_ms: Some(running),
+            identity_ms: ready - 1.0,
+            ready_ms: ready,
+            exec_true_ms: 2000.0,
+            start_call_ms: ready + 1.0,
+            private_kib_after_exec: Some(900),
+            guest_copied_kib_after_exec: Some(400),
+        }
+    }
+
+    fn synthetic() -> CloneReport {
+        CloneReport {
+            memory_mib: 256,
+            vcpus: 1,
+            warmup: "true".into(),
+            master_allocated_kib: Some(40_000),
+            cold: vec![ColdSample {
+                boot_ms: 38_000.0,
+                warmup_ms: 2_000.0,
+                ready_ms: 40_000.0,
+            }],
+            clones: vec![clone(5.0, 19.0), clone(4.0, 20.0), clone(6.0, 21.0)],
+            parallel: Some(ParallelResult {
+                parallel: 8,
+                started: 20,
+                failed: 0,
+                wall_ms: 400.0,
+                ready_ms: vec![30.0, 40.0],
+            }),
+            idle: Some(IdleResult {
+                window_s: 30.0,
+                cpu_ticks: 3,
+                clk_tck: 100,
+                cpu_pct: 0.1,
+                memory_start: MemoryBreakdown::default(),
+                memory: MemoryBreakdown {
+                    private_kib: 1500,
+                    pss_kib: 2500,
+                    rss_kib: 9000,
+                    guest_private_kib: 600,
+                    guest_rss_kib: 6000,
+                    vmm_private_kib: 900,
+                    guest_anon_kib: 500,
+                    vmm_anon_kib: 800,
+                },
+                status_rss: None,
+            }),
+            big: Some(BigResult {
+                memory_mib: 2048,
+                boot_ms: 60_000.0,
+                clones: vec![clone(5.5, 22.0)],
+            }),
+            qemu: Some(vec![
+                QemuRestoreSample {
+                    save_ms: 30.0,
+                    state_bytes: 18 << 20,
+                    restore_running_ms: 100.0,
+                },
+                QemuRestoreSample {
+                    save_ms: 30.0,
+                    state_bytes: 18 << 20,
+                    restore_running_ms: 120.0,
+                },
+            ]),
+            density: Some(DensityResult {
+                limit: 400,
+                started: 400,
+                alive: 399,
+                stop_reason: "reached --density-limit 400".into(),
+                total_pss_kib: 800_000,
+                total_private_kib: 600_000,
+                total_anon_kib: 300_000,
+                mem_available_before_kib: 20 << 20,
+                mem_available_after_kib: 18 << 20,
+                ready_ms: vec![20.0, 30.0],
+                start_wall_ms: 9000.0,
+                ping_wall_ms: 3000.0,
+                kill_wall_ms: 500.0,
+            }),
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn json_has_the_issue_fields() {
+        let j = synthetic().to_json();
+        for key in [
+            "clone_running_ms",
+            "clone_ready_ms",
+            "cold_ready_ms",
+            "qemu_restore_ms",
+        ] {
+            for f in ["min", "p50", "max"] {
+                assert!(j[key][f].is_number(), "{key}.{f} in {j}");
+            }
+        }
+        assert_eq!(j["clone_running_ms"]["p50"], 5.0);
+        assert_eq!(j["clone_ready_ms"]["p50"], 20.0);
+        assert_eq!(j["cold_ready_ms"]["p50"], 40_000.0);
+        assert_eq!(j["ratio_cold_over_clone"], 2000.0);
+        assert_eq!(j["clone_private_kib"], 1500);
+        assert_eq!(j["clone_pss_kib"], 2500);
+        assert_eq!(j["clone_idle_cpu_pct"], 0.1);
+        assert_eq!(j["clones_per_s"], 50.0);
+        assert_eq!(j["clones_per_s_sequential"], 3.0 / 0.063);
+        assert_eq!(j["ratio_clone_over_qemu_restore"], 0.05);
+        assert_eq!(j["qemu_restore_ms"]["p50"], 100.0);
+        assert_eq!(j["density_alive"], 399);
+        assert_eq!(j["clone_running_ms_p50_by_memory_mib"]["2048"], 5.5);
+        assert_eq!(j["clone_running_ms_p50_by_memory_mib"]["256"], 5.0);
+    }
+
+    #[test]
+    fn optional_parts_are_absent_when_not_run() {
+        let mut r = synthetic();
+        r.qemu = None;
+        r.density = None;
+        r.big = None;
+        let j = r.to_json();
+        assert!(j.get("qemu_restore_ms").is_none());
+        assert!(j.get("density_alive").is_none());
+        assert!(j.get("big_master").is_none());
+        let t = r.to_table();
+        assert!(!t.contains("qemu"), "{t}");
+        assert!(!t.contains("density"), "{t}");
+    }
+
+    #[test]
+    fn table_shows_rows_and_ratios() {
+        let t = synthetic().to_table();
+        let line = |prefix: &str| {
+            t.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in\n{t}"))
+                .to_string()
+        };
+        let running = line("clone (256 MiB): spawn -> vCPUs running");
+        let cols: Vec<&str> = running.split_whitespace().rev().take(4).collect();
+        assert_eq!(cols, ["6.0", "5.0", "4.0", "3"], "{running}");
+        assert!(line("cold: boot + warm-up -> ready").contains("40000.0"));
+        assert!(line("clone (2048 MiB): spawn -> vCPUs running").contains("5.5"));
+        assert!(line("qemu: -incoming spawn -> running").contains("100.0"));
+        assert!(t.contains("(one cold boot"), "{t}");
+        assert!(line("ratio cold boot").ends_with("2000x"));
+        assert!(line("ratio clone -> vCPUs running / qemu").ends_with("0.0500"));
+        assert!(line("clones/s, 8 at once").contains("50.0"));
+        assert!(line("idle clone CPU").contains("0.10%"));
+        assert!(line("idle clone memory").contains("private 1500 KiB"));
+        assert!(line("density: ").contains("399 of 400"));
+        let mut r = synthetic();
+        r.errors.push("qemu peer: boom".into());
+        assert!(r.to_table().contains("not measured: qemu peer: boom"));
+    }
+
+    #[test]
+    fn plot_has_one_series_per_measurement() {
+        let s = synthetic().plot_series();
+        let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), 6, "{names:?}");
+        assert!(names.iter().any(|n| n.contains("QEMU")));
+        let exec = s.iter().find(|s| s.name.contains("exec true")).unwrap();
+        assert_eq!(exec.samples_ms[0], 2019.0);
+    }
+
+    #[test]
+    fn cpu_percent_arithmetic() {
+        assert_eq!(cpu_pct(30, 100, Duration::from_secs(30)), 1.0);
+        assert_eq!(cpu_pct(0, 100, Duration::from_secs(30)), 0.0);
+        assert_eq!(cpu_pct(250, 100, Duration::from_secs(10)), 25.0);
+        assert_eq!(cpu_pct(5, 100, Duration::ZERO), 0.0);
+        let stat =
+            "1234 (zygote vmm) S 1 1234 1234 0 -1 4194560 100 0 0 0 17 25 0 0 20 0 3 0 555 0 0";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(42));
+        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        let me = cpu_ticks(std::process::id());
+        assert!(me.is_some());
+        assert!(clk_tck() > 0);
+    }
+
+    #[test]
+    fn meminfo_and_smaps_are_parsed() {
+        let meminfo =
+            "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_meminfo(meminfo, "MemAvailable"), Some(20_000_000));
+        assert_eq!(parse_meminfo(meminfo, "Mem"), None);
+        assert!(mem_available_kib().is_some());
+        let smaps = "\
+5600-5700 r-xp 00000000 fd:00 42 /usr/bin/zygote-vmm
+Rss:                 100 kB
+Pss:                  50 kB
+Private_Clean:        10 kB
+Private_Dirty:         0 kB
+7f00-7f80 rw-p 00000000 00:20 7 /state/masters/bench/snapshot/memory
+Rss:                6000 kB
+Pss:                 700 kB
+Private_Clean:         0 kB
+Private_Dirty:       600 kB
+Anonymous:           500 kB
+7f80-7f90 rw-p 00000000 00:00 0
+Rss:                 900 kB
+Pss:                 900 kB
+Private_Clean:         0 kB
+Private_Dirty:       890 kB
+Anonymous:           880 kB
+VmFlags: rd wr mr mw me ac
+";
+        let m = parse_smaps(smaps, "/state/masters/bench/snapshot/memory");
+        assert_eq!(
+            m,
+            MemoryBreakdown {
+                private_kib: 1500,
+                pss_kib: 1650,
+                rss_kib: 7000,
+                guest_private_kib: 600,
+                guest_rss_kib: 6000,
+                vmm_private_kib: 900,
+                guest_anon_kib: 500,
+                vmm_anon_kib: 880,
+            }
+        );
+        let own = memory_of(std::process::id(), "").unwrap();
+        assert!(own.private_kib > 0 && own.guest_private_kib == 0);
+    }
+}
