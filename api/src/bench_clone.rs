@@ -116,6 +116,8 @@ pub struct CloneBenchOptions {
     pub density: bool,
     /// `--density` stops at this many clones.
     pub density_limit: usize,
+    /// `--density` stops when more clones than this failed to start.
+    pub density_max_failures: usize,
     /// RAM of the second master, MiB (0: skip it).
     pub big_memory_mib: u64,
     /// How long the idle clone's CPU time is measured.
@@ -233,6 +235,10 @@ pub struct DensityResult {
     pub started: usize,
     /// Clones that answered the final ping.
     pub alive: usize,
+    /// Clones that failed to start.
+    pub failed: usize,
+    /// Why the first of them failed.
+    pub first_failure: Option<String>,
     /// Why no more clones were started.
     pub stop_reason: String,
     /// Sum of the clones' Pss, KiB.
@@ -757,6 +763,8 @@ impl Ctx<'_> {
         let mut ready_ms = Vec::new();
         let mut clones: Vec<Started> = Vec::new();
         let mut last_report = 0;
+        let mut failed = 0;
+        let mut first_failure = None;
         let stop_reason = loop {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 break "interrupted".to_string();
@@ -791,9 +799,15 @@ impl Ctx<'_> {
                         clones.push(s);
                     }
                     Err(e) => {
+                        failed += 1;
+                        self.say(&format!("density: a clone failed to start: {e}"));
                         failure.get_or_insert(format!("a clone failed to start: {e}"));
+                        first_failure.get_or_insert(e.to_string());
                     }
                 }
+            }
+            if failed <= self.opts.density_max_failures {
+                failure = None;
             }
             if clones.len() >= last_report + 50 || failure.is_some() {
                 last_report = clones.len();
@@ -838,6 +852,8 @@ impl Ctx<'_> {
             limit,
             started,
             alive,
+            failed,
+            first_failure,
             stop_reason,
             total_pss_kib: pss,
             total_private_kib: private,
@@ -1167,6 +1183,8 @@ impl CloneReport {
                 "limit": d.limit,
                 "started": d.started,
                 "alive": d.alive,
+                "failed": d.failed,
+                "first_failure": d.first_failure,
                 "stop_reason": d.stop_reason,
                 "total_pss_kib": d.total_pss_kib,
                 "total_private_kib": d.total_private_kib,
@@ -1380,9 +1398,10 @@ impl CloneReport {
         }
         if let Some(d) = &self.density {
             t.push_str(&format!(
-                "density: {} of {} clones answered (stopped: {}); Pss total {} MiB, private total {} MiB, anonymous total {} MiB; MemAvailable {} -> {} MiB; started in {:.0} s, pinged in {:.0} ms, killed in {:.0} ms\n",
+                "density: {} of {} clones answered, {} failed to start (stopped: {}); Pss total {} MiB, private total {} MiB, anonymous total {} MiB; MemAvailable {} -> {} MiB; started in {:.0} s, pinged in {:.0} ms, killed in {:.0} ms\n",
                 d.alive,
                 d.started,
+                d.failed,
                 d.stop_reason,
                 d.total_pss_kib >> 10,
                 d.total_private_kib >> 10,
@@ -1528,6 +1547,8 @@ mod tests {
                 limit: 400,
                 started: 400,
                 alive: 399,
+                failed: 0,
+                first_failure: None,
                 stop_reason: "reached --density-limit 400".into(),
                 total_pss_kib: 800_000,
                 total_private_kib: 600_000,

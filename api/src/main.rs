@@ -234,6 +234,10 @@ struct BenchCloneArgs {
     /// How many clones --density stops at.
     #[arg(long, default_value_t = 400)]
     density_limit: usize,
+    /// --density goes on past this many clones that fail to start (0: it
+    /// stops at the first).
+    #[arg(long, default_value_t = 0)]
+    density_max_failures: usize,
     /// RAM of a second master (no warm-up) whose clones are timed too, MiB; 0 skips it.
     #[arg(long, default_value_t = 2048)]
     big_memory: u64,
@@ -268,6 +272,7 @@ fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
         peer_qemu: a.peer.is_some(),
         density: a.density,
         density_limit: a.density_limit,
+        density_max_failures: a.density_max_failures,
         big_memory_mib: a.big_memory,
         idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
     };
