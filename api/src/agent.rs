@@ -12,7 +12,7 @@ use proto::{
     Request, Response,
 };
 
-use crate::vm::{connect_vsock, VmError};
+use crate::vm::{connect_vsock, connect_vsock_within, VmError};
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -68,12 +68,18 @@ impl AgentClient {
     /// identity and a ping go out right behind the connection request, before
     /// the agent's hello arrives, so nothing else can run in the guest first.
     /// Returns the client and when (CLOCK_MONOTONIC µs) the hello, the
-    /// identity's answer and the pong arrived.
+    /// identity's answer and the pong arrived. All of it within `timeout`.
     pub fn connect_identified(
         uds: &Path,
         identity: Identity,
+        timeout: std::time::Duration,
     ) -> Result<(Self, [u64; 3]), AgentError> {
-        let mut stream = connect_vsock(uds, proto::AGENT_VSOCK_PORT)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut stream = connect_vsock_within(uds, proto::AGENT_VSOCK_PORT, timeout)?;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .map_err(ProtoError::Io)?;
         HostFrame::Request(Request::Identity(identity)).write_to(&mut stream)?;
         HostFrame::Request(Request::Ping).write_to(&mut stream)?;
         let mut client = Self::over(stream)?;
@@ -90,7 +96,9 @@ impl AgentClient {
             AgentFrame::Response(Response::Pong { .. }) => {}
             other => return Err(AgentError::Unexpected(format!("{other:?}"))),
         }
-        Ok((client, [hello, identified, vmm::events::now_us()]))
+        let pong = vmm::events::now_us();
+        client.stream.set_read_timeout(None).map_err(ProtoError::Io)?;
+        Ok((client, [hello, identified, pong]))
     }
 
     /// Uses an already connected stream (reads the hello first).

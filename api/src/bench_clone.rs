@@ -159,23 +159,24 @@ pub struct ColdSample {
 /// Where a VMM process's memory is, from /proc/PID/smaps (KiB).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct MemoryBreakdown {
-    /// Private_Dirty + Private_Clean, all mappings.
+    /// Private_Dirty, all mappings: what only this clone uses. (Guest
+    /// pages it only read are the master's page cache: Private_Clean while
+    /// no other clone happens to map them, shared as soon as one does.)
     pub private_kib: u64,
     /// Pss, all mappings.
     pub pss_kib: u64,
     /// Rss, all mappings.
     pub rss_kib: u64,
-    /// Private pages of the guest RAM mapping: the clone's copies of the
+    /// Private_Dirty of the guest RAM mapping: the clone's copies of the
     /// master's pages (copy-on-write faults) and pages the master never had.
     pub guest_private_kib: u64,
     /// Resident pages of the guest RAM mapping (mostly the master's, shared).
     pub guest_rss_kib: u64,
-    /// Private pages of every other mapping: the VMM's own (heap, stacks,
-    /// binary, KVM's per-vCPU pages).
+    /// Private_Dirty of every other mapping: the VMM's own (heap, stacks,
+    /// KVM's per-vCPU pages).
     pub vmm_private_kib: u64,
     /// Anonymous pages of the guest RAM mapping: the pages this clone
-    /// copied (written after the restore). "Private" above also counts
-    /// master pages that merely no other process maps at the moment.
+    /// copied (written after the restore).
     pub guest_anon_kib: u64,
     /// Anonymous pages of every other mapping (heap, stacks).
     pub vmm_anon_kib: u64,
@@ -392,7 +393,7 @@ pub fn parse_smaps(text: &str, guest_ram: &str) -> MemoryBreakdown {
                     m.vmm_anon_kib += kib;
                 }
             }
-            "Private_Clean:" | "Private_Dirty:" => {
+            "Private_Dirty:" => {
                 m.private_kib += kib;
                 if guest {
                     m.guest_private_kib += kib;
@@ -835,8 +836,7 @@ impl Ctx<'_> {
         for s in &clones {
             anon += crate::clone::smaps_rollup(s.pid, "Anonymous").unwrap_or(0);
             pss += crate::clone::smaps_rollup(s.pid, "Pss").unwrap_or(0);
-            private += crate::clone::smaps_rollup(s.pid, "Private_Dirty").unwrap_or(0)
-                + crate::clone::smaps_rollup(s.pid, "Private_Clean").unwrap_or(0);
+            private += crate::clone::smaps_rollup(s.pid, "Private_Dirty").unwrap_or(0);
         }
         let t = Instant::now();
         let alive = ping_all(&mut clones, PING_THREADS, DENSITY_PING_LIMIT);
@@ -1691,12 +1691,13 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(
             m,
             MemoryBreakdown {
-                private_kib: 1500,
+                // Private_Clean (the binary's text) is not private memory.
+                private_kib: 1490,
                 pss_kib: 1650,
                 rss_kib: 7000,
                 guest_private_kib: 600,
                 guest_rss_kib: 6000,
-                vmm_private_kib: 900,
+                vmm_private_kib: 890,
                 guest_anon_kib: 500,
                 vmm_anon_kib: 880,
             }

@@ -267,7 +267,8 @@ fn handshake(mut s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
             });
         }
         if uds.exists() {
-            match AgentClient::connect_identified(&uds, identity.clone()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match AgentClient::connect_identified(&uds, identity.clone(), left) {
                 Ok(r) => break r,
                 // The agent refused the identity: no point in retrying.
                 Err(source @ AgentError::Remote { .. }) => {

@@ -395,12 +395,21 @@ impl Drop for VmProcess {
 
 /// Connects to a VMM's vsock Unix socket and asks for guest `port`.
 pub fn connect_vsock(uds: &Path, port: u32) -> Result<UnixStream, VmError> {
+    connect_vsock_within(uds, port, Duration::from_secs(10))
+}
+
+/// [`connect_vsock`], waiting at most `timeout` for the guest's answer.
+pub fn connect_vsock_within(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, VmError> {
     use std::io::{Read, Write};
     let mut s = UnixStream::connect(uds)
         .map_err(|e| VmError::Connect(format!("{}: {e}", uds.display())))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(|e| VmError::Connect(e.to_string()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
         .map_err(|e| VmError::Connect(e.to_string()))?;
     // Read the reply byte by byte: nothing after the newline is ours to take.
     let mut line = Vec::new();
@@ -411,6 +420,11 @@ pub fn connect_vsock(uds: &Path, port: u32) -> Result<UnixStream, VmError> {
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) if line.len() < 64 => line.push(b[0]),
             Ok(_) => return Err(VmError::Connect("bad reply to CONNECT".into())),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(VmError::Connect(format!(
+                    "the guest did not answer the connection to port {port} within {timeout:?}"
+                )))
+            }
             Err(e) => return Err(VmError::Connect(e.to_string())),
         }
     }
