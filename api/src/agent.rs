@@ -97,7 +97,10 @@ impl AgentClient {
             other => return Err(AgentError::Unexpected(format!("{other:?}"))),
         }
         let pong = vmm::events::now_us();
-        client.stream.set_read_timeout(None).map_err(ProtoError::Io)?;
+        client
+            .stream
+            .set_read_timeout(None)
+            .map_err(ProtoError::Io)?;
         Ok((client, [hello, identified, pong]))
     }
 

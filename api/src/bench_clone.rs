@@ -283,6 +283,9 @@ pub struct CloneReport {
     pub idle: Option<IdleResult>,
     /// Clones of the big master.
     pub big: Option<BigResult>,
+    /// The same snapshot started as a fresh VMM process and as a `fork()`
+    /// of a prepared one (µs, start -> vCPU 0 running), in turns.
+    pub fork_vs_spawn: Option<vmm::fork_bench::ForkBench>,
     /// QEMU restores.
     pub qemu: Option<Vec<QemuRestoreSample>>,
     /// `--density`.
@@ -990,6 +993,12 @@ pub fn bench_clone(
     // 2. Clones one after another.
     report.clones = ctx.sequential(&guest_ram)?;
 
+    // 2b. Fresh process vs fork() of a prepared one, same snapshot.
+    match fork_vs_spawn(&rec, opts.count) {
+        Ok(f) => report.fork_vs_spawn = Some(f),
+        Err(e) => report.errors.push(format!("fork vs spawn: {e}")),
+    }
+
     // 4. An idle clone.
     let idle = ctx.idle(&guest_ram)?;
     ctx.say(&format!(
@@ -1051,6 +1060,28 @@ pub fn bench_clone(
     ctx.say("cleaning up");
     drop(ctx);
     Ok(report)
+}
+
+/// Runs the VMM's `--fork-bench` on `rec`'s snapshot.
+fn fork_vs_spawn(rec: &MasterRecord, count: usize) -> Result<vmm::fork_bench::ForkBench, String> {
+    let vmm = crate::paths::vmm_binary().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("zygote-fork-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(vmm)
+        .arg("--restore")
+        .arg(&rec.snapshot)
+        .arg("--vsock")
+        .arg(&dir)
+        .arg("--fork-bench")
+        .arg(count.to_string())
+        .stdin(std::process::Stdio::null())
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------- report
@@ -1170,6 +1201,11 @@ impl CloneReport {
                 b.memory_mib.to_string(): running.map(|s| s.p50),
             });
         }
+        if let Some(f) = &self.fork_vs_spawn {
+            let ms = |v: &[u64]| summary(v.iter().map(|&u| u as f64 / 1000.0));
+            out["clone_start_spawn_ms"] = serde_json::json!(ms(&f.spawn_us));
+            out["clone_start_fork_ms"] = serde_json::json!(ms(&f.fork_us));
+        }
         if let Some(q) = &self.qemu {
             out["qemu_restore_ms"] = serde_json::json!(self.qemu_restore());
             out["qemu_save_ms"] = serde_json::json!(q.first().map(|s| s.save_ms));
@@ -1267,6 +1303,21 @@ impl CloneReport {
             n,
             cl(|s| Some(s.exec_true_ms)).1,
         );
+        if let Some(f) = &self.fork_vs_spawn {
+            let ms = |v: &[u64]| summary(v.iter().map(|&u| u as f64 / 1000.0));
+            row(
+                &mut t,
+                "  same, fresh process (no agent): -> running",
+                f.spawn_us.len(),
+                ms(&f.spawn_us),
+            );
+            row(
+                &mut t,
+                "  same, fork() of a prepared VMM: -> running",
+                f.fork_us.len(),
+                ms(&f.fork_us),
+            );
+        }
         if let Some(p) = &self.parallel {
             row(
                 &mut t,

@@ -420,7 +420,12 @@ pub fn connect_vsock_within(
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) if line.len() < 64 => line.push(b[0]),
             Ok(_) => return Err(VmError::Connect("bad reply to CONNECT".into())),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(VmError::Connect(format!(
                     "the guest did not answer the connection to port {port} within {timeout:?}"
                 )))

@@ -22,7 +22,7 @@ use crate::builder::{prepare_restore, run_restored, ConsoleOut, RestoreConfig};
 use crate::events::{now_us, Event, EventSink};
 
 /// Samples of both ways, in µs.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ForkBench {
     /// Fresh process: spawn -> vCPU running.
     pub spawn_us: Vec<u64>,

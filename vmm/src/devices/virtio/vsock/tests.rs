@@ -1245,7 +1245,10 @@ fn restore_tells_the_guest_its_transport_was_reset() {
     let timer = b.dev.extra_fds()[1];
     let mut nudges = 0;
     let req = loop {
-        assert!(start.elapsed() < RESET_GRACE * 3, "no request after the grace period");
+        assert!(
+            start.elapsed() < RESET_GRACE * 3,
+            "no request after the grace period"
+        );
         if poll_in(timer, 10) {
             irq.ack(u32::MAX);
             b.dev.process_extra_fd(1, EventSet::IN);
