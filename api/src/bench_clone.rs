@@ -1582,6 +1582,10 @@ mod tests {
                 boot_ms: 60_000.0,
                 clones: vec![clone(5.5, 22.0)],
             }),
+            fork_vs_spawn: Some(vmm::fork_bench::ForkBench {
+                spawn_us: vec![2700, 2900],
+                fork_us: vec![1300, 1350],
+            }),
             qemu: Some(vec![
                 QemuRestoreSample {
                     save_ms: 30.0,
