@@ -40,6 +40,8 @@ const BIG_MASTER: &str = "bench-big";
 const BIG_CLONES: usize = 5;
 /// QEMU restores (at most).
 const QEMU_RESTORES: usize = 5;
+/// Clones spawned at once to measure the host's creation rate.
+const BURST: usize = 50;
 /// Pause between a clone answering and the idle measurement.
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
 /// `--density` stops below this much host `MemAvailable`.
@@ -216,6 +218,25 @@ pub struct ParallelResult {
     pub ready_ms: Vec<f64>,
 }
 
+/// Clones spawned at once without waiting for their agents: the host's
+/// side of creation.
+#[derive(Debug, Clone, Serialize)]
+pub struct BurstResult {
+    /// Clones spawned.
+    pub count: usize,
+    /// Of those, how many had their vCPUs running within the timeout.
+    pub running: usize,
+    /// First spawn -> last clone's vCPUs running, ms.
+    pub wall_ms: f64,
+}
+
+impl BurstResult {
+    /// Clones per second brought to running.
+    pub fn per_s(&self) -> f64 {
+        self.running as f64 / (self.wall_ms / 1000.0)
+    }
+}
+
 /// Clones of the big master.
 #[derive(Debug, Clone, Serialize)]
 pub struct BigResult {
@@ -279,6 +300,8 @@ pub struct CloneReport {
     pub clones: Vec<CloneSample>,
     /// Clones started in parallel.
     pub parallel: Option<ParallelResult>,
+    /// Clones spawned at once, to vCPUs running.
+    pub burst: Option<BurstResult>,
     /// An idle clone.
     pub idle: Option<IdleResult>,
     /// Clones of the big master.
@@ -730,6 +753,29 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    fn burst(&mut self) -> Result<BurstResult, CloneBenchError> {
+        check_interrupted()?;
+        let n = BURST;
+        let r = crate::clone::spawn_burst(&self.ws.store, MASTER, n, Duration::from_secs(60))
+            .map_err(|e| CloneBenchError::Failed(format!("burst: {e}")));
+        let clones = r?;
+        for c in &clones {
+            let _ = crate::clone::kill(&self.ws.store, &c.id);
+        }
+        let first = clones.iter().map(|c| c.spawn_us).min().unwrap_or(0);
+        let last = clones
+            .iter()
+            .filter_map(|c| c.running_us)
+            .max()
+            .unwrap_or(first);
+        let running = clones.iter().filter(|c| c.running_us.is_some()).count();
+        Ok(BurstResult {
+            count: n,
+            running,
+            wall_ms: ms_between(first, last).max(0.001),
+        })
+    }
+
     fn big(&mut self) -> Result<BigResult, CloneBenchError> {
         let mib = self.opts.big_memory_mib;
         // The guest's early memory setup grows with its RAM.
@@ -1014,6 +1060,17 @@ pub fn bench_clone(
         par.started, par.parallel, par.wall_ms
     ));
     report.parallel = Some(par);
+    match ctx.burst() {
+        Ok(b) => {
+            ctx.say(&format!(
+                "burst: {} of {} clones running {:.0} ms after the first spawn",
+                b.running, b.count, b.wall_ms
+            ));
+            report.burst = Some(b);
+        }
+        Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+        Err(e) => report.errors.push(e.to_string()),
+    }
 
     // 5. The big master.
     if opts.big_memory_mib > 0 {
@@ -1163,6 +1220,7 @@ impl CloneReport {
             "ratio_cold_over_clone": self.ratio_cold_over_clone(),
             "clones_per_s": self.clones_per_s(),
             "clones_per_s_sequential": self.clones_per_s_sequential(),
+            "clones_per_s_running": self.burst.as_ref().map(|b| b.per_s()),
             "master_ram_kib": self.memory_mib * 1024,
             "master_allocated_kib": self.master_allocated_kib,
             "errors": self.errors,
@@ -1405,6 +1463,15 @@ impl CloneReport {
                 }
             ));
         }
+        if let Some(b) = &self.burst {
+            t.push_str(&format!(
+                "clones/s to vCPUs running (host side), {} spawned at once: {:.0} ({} running {:.0} ms after the first spawn)\n",
+                b.count,
+                b.per_s(),
+                b.running,
+                b.wall_ms
+            ));
+        }
         if let Some(i) = &self.idle {
             let mm = &i.memory;
             t.push_str(&format!(
@@ -1582,6 +1649,11 @@ mod tests {
                 boot_ms: 60_000.0,
                 clones: vec![clone(5.5, 22.0)],
             }),
+            burst: Some(BurstResult {
+                count: 50,
+                running: 50,
+                wall_ms: 250.0,
+            }),
             fork_vs_spawn: Some(vmm::fork_bench::ForkBench {
                 spawn_us: vec![2700, 2900],
                 fork_us: vec![1300, 1350],
@@ -1640,6 +1712,7 @@ mod tests {
         assert_eq!(j["clone_pss_kib"], 2500);
         assert_eq!(j["clone_idle_cpu_pct"], 0.1);
         assert_eq!(j["clones_per_s"], 50.0);
+        assert_eq!(j["clones_per_s_running"], 200.0);
         assert_eq!(j["clones_per_s_sequential"], 3.0 / 0.063);
         assert_eq!(j["ratio_clone_over_qemu_restore"], 0.05);
         assert_eq!(j["qemu_restore_ms"]["p50"], 100.0);

@@ -30,7 +30,7 @@ use super::chain::{self, ChainBuffers, Direction};
 use super::Active;
 use super::{
     read_config_bytes, warn_limited, Error, Interrupt, VirtioDevice, TYPE_VSOCK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 
 pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
@@ -48,9 +48,17 @@ pub const RX_QUEUE_SIZE: u16 = 64;
 /// Longest wait, after a restore, for the guest to handle the transport
 /// reset before host connections go through anyway.
 pub const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
-/// While waiting for the guest to handle the transport reset, the device
-/// raises the interrupt again this often.
+/// While the guest has not acknowledged an interrupt (or, after a restore,
+/// not handled the transport reset), the device raises it again this often:
+/// an edge-triggered interrupt that reaches a guest not ready for it is
+/// otherwise lost, and the guest would never look at its queues again.
 pub const RESET_NUDGE: std::time::Duration = std::time::Duration::from_millis(50);
+/// Ticks of [`RESET_NUDGE`] between raising the interrupt again while the
+/// guest has not handled a transport reset.
+const RESET_RERAISE_TICKS: u32 = 4;
+/// Ticks of [`RESET_NUDGE`] an interrupt may stay unacknowledged before it
+/// is taken for lost and raised again.
+const LOST_IRQ_TICKS: u32 = 10;
 /// Largest size of the event queue (Linux posts 8 event buffers).
 pub const EVENT_QUEUE_SIZE: u16 = 16;
 /// Index of the receive (device → driver) queue.
@@ -69,8 +77,13 @@ pub struct Vsock {
     muxer: Muxer,
     active: Option<Active>,
     scratch: Vec<u8>,
-    /// Ticks while waiting for the guest's transport reset (see [`RESET_GRACE`]).
+    /// Ticks while an interrupt is unacknowledged or the guest's transport
+    /// reset is awaited (see [`RESET_NUDGE`], [`RESET_GRACE`]).
     reset_timer: TimerFd,
+    /// Whether `reset_timer` ticks.
+    nudging: bool,
+    /// Ticks the interrupt has stayed unacknowledged.
+    pending_ticks: u32,
     /// When that wait ends at the latest.
     reset_deadline: Option<std::time::Instant>,
 }
@@ -101,6 +114,8 @@ impl Vsock {
             scratch: vec![0; MAX_PKT_PAYLOAD],
             reset_timer: TimerFd::new().map_err(|e| Error::EventFd(e.into()))?,
             reset_deadline: None,
+            nudging: false,
+            pending_ticks: 0,
         })
     }
 
@@ -307,6 +322,7 @@ impl VirtioDevice for Vsock {
             EVQ => self.end_reset_wait(),
             _ => {}
         }
+        self.watch_interrupt();
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
@@ -316,23 +332,12 @@ impl VirtioDevice for Vsock {
     fn process_extra_fd(&mut self, index: usize, _events: EventSet) {
         if index == 1 {
             let _ = self.reset_timer.wait();
-            let late = self
-                .reset_deadline
-                .is_none_or(|d| std::time::Instant::now() >= d);
-            if !self.muxer.is_held() {
-                self.end_reset_wait();
-            } else if late {
-                warn_limited!("vsock: the guest did not acknowledge the transport reset in time");
-                self.end_reset_wait();
-            } else if let Some(a) = self.active.as_ref() {
-                // The interrupt may have reached a guest that was not ready
-                // for it: raise it again (the event stays in the used ring).
-                a.irq.signal_used_queue();
-            }
+            self.nudge_tick();
             return;
         }
         self.muxer.process_host_events();
         self.process_rx();
+        self.watch_interrupt();
     }
 
     fn queues(&self) -> &[Queue] {
@@ -366,15 +371,68 @@ impl VirtioDevice for Vsock {
         irq.signal_used_queue();
         self.muxer.hold(true);
         self.reset_deadline = Some(std::time::Instant::now() + RESET_GRACE);
-        let _ = self.reset_timer.reset(RESET_NUDGE, Some(RESET_NUDGE));
+        self.start_nudging();
     }
 }
 
 impl Vsock {
+    fn start_nudging(&mut self) {
+        if !self.nudging {
+            let _ = self.reset_timer.reset(RESET_NUDGE, Some(RESET_NUDGE));
+            self.nudging = true;
+        }
+    }
+
+    /// Ticks while the guest owes an acknowledgement.
+    fn watch_interrupt(&mut self) {
+        let pending = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.irq.status() & VIRTIO_MMIO_INT_VRING != 0);
+        if pending {
+            self.start_nudging();
+        }
+    }
+
+    fn nudge_tick(&mut self) {
+        let late = self
+            .reset_deadline
+            .is_none_or(|d| std::time::Instant::now() >= d);
+        if self.muxer.is_held() && late {
+            warn_limited!("vsock: the guest did not acknowledge the transport reset in time");
+            self.end_reset_wait();
+        }
+        // Raising it again costs the guest an interrupt, which is dear on
+        // hosts that emulate the guest kernel: only after a while, sooner
+        // while a transport reset is awaited.
+        let every = if self.muxer.is_held() {
+            RESET_RERAISE_TICKS
+        } else {
+            LOST_IRQ_TICKS
+        };
+        let pending = match self.active.as_ref() {
+            Some(a) if a.irq.status() & VIRTIO_MMIO_INT_VRING != 0 => {
+                self.pending_ticks += 1;
+                if self.pending_ticks % every == 0 {
+                    // The used buffers stay where they are.
+                    a.irq.signal_used_queue();
+                }
+                true
+            }
+            _ => {
+                self.pending_ticks = 0;
+                false
+            }
+        };
+        if !pending && !self.muxer.is_held() {
+            let _ = self.reset_timer.clear();
+            self.nudging = false;
+        }
+    }
+
     fn end_reset_wait(&mut self) {
         if self.muxer.is_held() {
             self.muxer.hold(false);
-            let _ = self.reset_timer.clear();
             self.reset_deadline = None;
             // Connections that waited in the backlog.
             self.muxer.process_host_events();
