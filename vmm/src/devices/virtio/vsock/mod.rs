@@ -413,7 +413,7 @@ impl Vsock {
         let pending = match self.active.as_ref() {
             Some(a) if a.irq.status() & VIRTIO_MMIO_INT_VRING != 0 => {
                 self.pending_ticks += 1;
-                if self.pending_ticks % every == 0 {
+                if self.pending_ticks.is_multiple_of(every) {
                     // The used buffers stay where they are.
                     a.irq.signal_used_queue();
                 }
