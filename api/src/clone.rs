@@ -264,21 +264,12 @@ fn handshake(mut s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
         }
         if uds.exists() {
             let left = deadline.saturating_duration_since(Instant::now());
-            // Made per attempt: the wall clock in it must be current.
-            let identity = match fresh_identity(&s.id, &s.id) {
-                Ok(i) => i,
-                Err(e) => {
-                    discard(&mut s);
-                    return Err(CloneError::Agent {
-                        id: s.id,
-                        source: AgentError::Output(e),
-                    });
-                }
-            };
-            match AgentClient::connect_identified(&uds, identity, left) {
+            let id = s.id.clone();
+            match AgentClient::connect_identified(&uds, || fresh_identity(&id, &id), left) {
                 Ok(r) => break r,
-                // The agent refused the identity: no point in retrying.
-                Err(source @ AgentError::Remote { .. }) => {
+                // The agent refused the identity, or no entropy could be
+                // read: no point in retrying.
+                Err(source @ (AgentError::Remote { .. } | AgentError::Output(_))) => {
                     discard(&mut s);
                     return Err(CloneError::Agent { id: s.id, source });
                 }
