@@ -95,39 +95,47 @@ pub fn boot_once(spec: &VmSpec, timeout: Duration) -> Result<BootSample, BenchEr
     })
 }
 
+/// `qemu-system-x86_64 -M microvm` with the same kernel, initramfs, command
+/// line, memory and vCPUs as `spec`, console on its stdout: the peer every
+/// benchmark compares with (boot, and save/restore in [`crate::peer`]).
+pub fn qemu_microvm(spec: &VmSpec) -> Command {
+    let cmdline = vmm::builder::kernel_cmdline(&spec.image.cmdline, &[]);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args([
+        "-m",
+        &spec.memory_mib.to_string(),
+        "-smp",
+        &spec.vcpus.to_string(),
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-device", "virtio-rng-device"])
+    .arg("-kernel")
+    .arg(&spec.image.kernel)
+    .arg("-initrd")
+    .arg(&spec.image.initramfs)
+    .arg("-append")
+    .arg(&cmdline);
+    cmd
+}
+
 /// Boots the same kernel and initramfs under `qemu-system-x86_64 -M microvm`.
 pub fn qemu_boot_once(spec: &VmSpec, timeout: Duration) -> Result<PeerSample, BenchError> {
-    let cmdline = vmm::builder::kernel_cmdline(&spec.image.cmdline, &[]);
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,acpi=off",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
-        .args([
-            "-m",
-            &spec.memory_mib.to_string(),
-            "-smp",
-            &spec.vcpus.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .args(["-device", "virtio-rng-device"])
-        .arg("-kernel")
-        .arg(&spec.image.kernel)
-        .arg("-initrd")
-        .arg(&spec.image.initramfs)
-        .arg("-append")
-        .arg(&cmdline)
+    let mut child = qemu_microvm(spec)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

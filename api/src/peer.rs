@@ -33,7 +33,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -323,7 +323,6 @@ impl Qemu {
         incoming: Option<&str>,
         console_pipe: bool,
     ) -> Result<Self, PeerError> {
-        let cmdline = vmm::builder::kernel_cmdline(&spec.image.cmdline, &[]);
         // QEMU option values escape a comma by doubling it.
         let qmp_arg = format!(
             "unix:{},server=on,wait=off",
@@ -331,36 +330,8 @@ impl Qemu {
         );
         let err_file =
             File::create(stderr).map_err(io_err(format!("cannot create {}", stderr.display())))?;
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-M",
-            "microvm,acpi=off",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
-        .args([
-            "-m",
-            &spec.memory_mib.to_string(),
-            "-smp",
-            &spec.vcpus.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .args(["-device", "virtio-rng-device"])
-        .arg("-kernel")
-        .arg(&spec.image.kernel)
-        .arg("-initrd")
-        .arg(&spec.image.initramfs)
-        .arg("-append")
-        .arg(&cmdline)
-        .args(["-qmp", &qmp_arg]);
+        let mut cmd = crate::bench::qemu_microvm(spec);
+        cmd.args(["-qmp", &qmp_arg]);
         if let Some(uri) = incoming {
             cmd.args(["-incoming", uri]);
         }
