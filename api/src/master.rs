@@ -173,22 +173,10 @@ pub fn remove(store: &Store, name: &str, force: bool) -> Result<(), MasterError>
 
 /// Checks that a snapshot's state describes a VM this zygote can start.
 fn check_state(snap: &snapshotter::Snapshot) -> Result<vmm::snapshot::VmSnapshot, MasterError> {
-    let bad = |why: String| MasterError::BadState {
+    vmm::snapshot::VmSnapshot::read(snap).map_err(|e| MasterError::BadState {
         path: snap.dir.clone(),
-        why,
-    };
-    let state: vmm::snapshot::VmSnapshot = serde_json::from_str(snap.state_json())
-        .map_err(|e| bad(format!("VM state does not parse: {e}")))?;
-    state
-        .check_layout(vmm::builder::MAX_VCPUS)
-        .map_err(|e| bad(e.to_string()))?;
-    if state.memory_mib << 20 != snap.manifest.memory.size {
-        return Err(bad(format!(
-            "state says {} MiB of RAM, the memory file has {} bytes",
-            state.memory_mib, snap.manifest.memory.size
-        )));
-    }
-    Ok(state)
+        why: e.to_string(),
+    })
 }
 
 /// Writes master `name` to `dst` (sparse memory, checksums, atomic).

@@ -497,15 +497,7 @@ pub struct PreparedRestore {
 /// copy-on-write.
 pub fn prepare_restore(dir: &std::path::Path) -> Result<PreparedRestore, BuildError> {
     let snap = snapshotter::open(dir).map_err(restore_err)?;
-    let state: VmSnapshot = serde_json::from_str(snap.state_json())
-        .map_err(|e| restore_err(format!("snapshot state: {e}")))?;
-    state.check_layout(MAX_VCPUS).map_err(restore_err)?;
-    if state.memory_mib << 20 != snap.manifest.memory.size {
-        return Err(restore_err(format!(
-            "state says {} MiB of RAM, memory file has {} bytes",
-            state.memory_mib, snap.manifest.memory.size
-        )));
-    }
+    let state = VmSnapshot::read(&snap).map_err(restore_err)?;
     // Read-only: the master's RAM is never written through this file.
     let file = File::open(snap.memory_path())
         .map_err(|e| restore_err(format!("cannot open {}: {e}", snap.memory_path().display())))?;

@@ -120,6 +120,22 @@ pub struct VmSnapshot {
 pub struct LayoutError(pub String);
 
 impl VmSnapshot {
+    /// The VM state of an opened snapshot, checked: it parses, its layout
+    /// is this VMM's ([`VmSnapshot::check_layout`]) and its RAM size is the
+    /// memory file's. What every restore and every `snapshot load` runs.
+    pub fn read(snap: &snapshotter::Snapshot) -> Result<Self, LayoutError> {
+        let state: VmSnapshot = serde_json::from_str(snap.state_json())
+            .map_err(|e| LayoutError(format!("VM state does not parse: {e}")))?;
+        state.check_layout(crate::boot::mptable::MAX_VCPUS)?;
+        if state.memory_mib << 20 != snap.manifest.memory.size {
+            return Err(LayoutError(format!(
+                "state says {} MiB of RAM, the memory file has {} bytes",
+                state.memory_mib, snap.manifest.memory.size
+            )));
+        }
+        Ok(state)
+    }
+
     /// Checks the parts that the transports do not: vCPU indexes and device
     /// windows must be exactly where this VMM puts them.
     pub fn check_layout(&self, max_vcpus: u8) -> Result<(), LayoutError> {
