@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use api::paths::GuestImage;
+use host::paths::GuestImage;
 
 /// Panics (does not skip) when the host has no KVM.
 pub fn require_kvm() {

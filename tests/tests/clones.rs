@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use api::agent::AgentClient;
-use api::store::Store;
+use host::agent::AgentClient;
+use host::store::Store;
 use zygote_tests::{image, processes_mentioning, Sandbox};
 
 const MASTER: &str = "warm";

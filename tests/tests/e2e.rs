@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use api::agent::{AgentClient, AgentError};
-use api::vm::{VmProcess, VmSpec};
+use host::agent::{AgentClient, AgentError};
+use host::vmm::{VmExit, VmSpec, VmmProcess};
+use proto::events::ExitReason;
 use proto::{ErrorCode, ExecRequest};
-use vmm::events::ExitReason;
 use zygote_tests::{host_is_kvm_pvm, image, kernel_release, processes_mentioning, Sandbox};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -40,8 +40,8 @@ fn one_vm_runs_commands_through_the_agent() {
         runtime_root: Some(sandbox.dir.clone()),
         snapshot_dir: None,
     };
-    let mut vm = VmProcess::spawn(&spec).expect("spawn VMM");
-    let pid = vm.pid().expect("pid");
+    let mut vm = VmmProcess::boot(&spec).expect("spawn VMM");
+    let pid = vm.pid();
     vm.wait_ready(BOOT_TIMEOUT).expect("agent ready");
     let mut agent = AgentClient::connect(&vm.vsock_path()).expect("connect agent");
     assert!(agent.ping().expect("ping") > 0);
@@ -139,7 +139,7 @@ fn one_vm_runs_commands_through_the_agent() {
     // change, and the guest's random stream goes on working.
     // A clock a day ahead proves the guest took the given time, not its own.
     const DAY: u64 = 86_400;
-    let mut identity = api::agent::fresh_identity("vm-e2e-1", "e2e-guest-1").unwrap();
+    let mut identity = host::agent::fresh_identity("vm-e2e-1", "e2e-guest-1").unwrap();
     identity.wall_clock_ns += DAY * 1_000_000_000;
     agent.set_identity(identity).expect("identity applied");
     let (st, out, _) = agent
@@ -163,7 +163,7 @@ fn one_vm_runs_commands_through_the_agent() {
         "guest clock {guest_now}, host {host_now}"
     );
     assert_eq!(lines[3].trim(), "16");
-    let bad = api::agent::fresh_identity("vm-e2e-1", "not a hostname").unwrap();
+    let bad = host::agent::fresh_identity("vm-e2e-1", "not a hostname").unwrap();
     assert!(matches!(
         agent.set_identity(bad),
         Err(AgentError::Remote {
@@ -174,9 +174,9 @@ fn one_vm_runs_commands_through_the_agent() {
 
     // The guest powers itself off: the VMM exits cleanly and leaves nothing.
     let _ = agent.exec_collect(ExecRequest::new(["poweroff"]));
-    let (reason, message) = vm.wait_exit(Duration::from_secs(60)).expect("VM ends");
+    let VmExit { reason, message } = vm.wait_exit(Duration::from_secs(60)).expect("VM ends");
     assert_eq!(reason, ExitReason::Shutdown, "{message}");
-    let dir = vm.runtime_dir().to_path_buf();
+    let dir = vm.dir().to_path_buf();
     drop(vm);
     assert!(!dir.exists(), "runtime dir left behind");
     assert!(
@@ -254,7 +254,7 @@ fn cli_refuses_bad_input_with_one_line_and_leaves_nothing() {
     let sandbox = Sandbox::new("badinput");
     let not_a_kernel = sandbox.dir.with_extension("txt");
     std::fs::write(&not_a_kernel, "this is not a kernel\n").unwrap();
-    let host_mib = vmm::builder::host_memory_mib();
+    let host_mib = host::procfs::host_memory_mib();
     let too_much = (host_mib + 1024).to_string();
     let kernel = image.kernel.to_string_lossy().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![

@@ -1,4 +1,5 @@
-//! Assembles a microVM from a [`VmConfig`] and runs it to its end.
+//! Assembles a microVM from its launch description ([`proto::launch`]) and
+//! runs it to its end.
 
 use std::fs::File;
 use std::io::Write;
@@ -16,13 +17,12 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec};
-use crate::ctl::{CtlListener, CtlRequest, CtlResponse, Pending};
+use crate::ctl::{CtlListener, Pending};
 use crate::devices::legacy::console::{ConsoleSink, ConsoleState};
 use crate::devices::legacy::{
     EventFdTrigger, FnTrigger, SerialDevice, I8042, I8042_PORT_BASE, SERIAL_PORT_BASE,
 };
 use crate::devices::virtio::{MmioTransport, Rng, VirtioDevice, Vsock};
-use crate::events::{now_us, Event, EventSink, ExitReason};
 use crate::layout::*;
 use crate::memory;
 use crate::snapshot::{DeviceKind, DeviceSnapshot, SerialSnapshot, VmSnapshot};
@@ -30,43 +30,9 @@ use crate::vstate::control::RunControl;
 use crate::vstate::state::{readable_msrs, VmState};
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuStop};
 use crate::vstate::vm;
-
-/// Where the serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsoleOut {
-    /// Discarded (still scanned for markers and panics).
-    None,
-    /// The VMM's stderr.
-    Stderr,
-    /// Appended to a file.
-    File(PathBuf),
-}
-
-/// Everything needed to boot one microVM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Guest kernel (ELF vmlinux or bzImage).
-    pub kernel: PathBuf,
-    /// Initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line from the image; the VMM adds its own device part.
-    pub cmdline: String,
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Host side of virtio-vsock: Unix socket path (none: no vsock device).
-    pub vsock_uds: Option<PathBuf>,
-    /// The guest's vsock context id.
-    pub guest_cid: u64,
-    /// Serial console destination.
-    pub console: ConsoleOut,
-    /// For a VM that may be frozen (a master): guest RAM is created as
-    /// `memory` in this directory, and a freeze writes its snapshot here.
-    pub snapshot_dir: Option<PathBuf>,
-    /// Unix socket to listen on for control requests ([`crate::ctl`]).
-    pub control: Option<PathBuf>,
-}
+use proto::ctl::{CtlRequest, CtlResponse};
+use proto::events::{now_us, Event, EventSink, ExitReason};
+use proto::launch::{BootSource, ConsoleTarget, VmmLaunch};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +82,7 @@ pub struct VmEnd {
 pub const MAX_VCPUS: u8 = boot::mptable::MAX_VCPUS;
 
 /// Checks a configuration before anything is created.
-pub fn validate(cfg: &VmConfig) -> Result<(), BuildError> {
+pub fn validate(cfg: &BootSource) -> Result<(), BuildError> {
     if cfg.memory_mib == 0 {
         return Err(BuildError::Config(
             "guest memory must be at least 1 MiB (got 0)".into(),
@@ -308,11 +274,11 @@ fn attach_virtio(
     Ok(())
 }
 
-fn console_writer(console: &ConsoleOut) -> Result<Option<Box<dyn Write + Send>>, BuildError> {
+fn console_writer(console: &ConsoleTarget) -> Result<Option<Box<dyn Write + Send>>, BuildError> {
     Ok(match console {
-        ConsoleOut::None => None,
-        ConsoleOut::Stderr => Some(Box::new(std::io::stderr())),
-        ConsoleOut::File(path) => Some(Box::new(
+        ConsoleTarget::None => None,
+        ConsoleTarget::Stderr => Some(Box::new(std::io::stderr())),
+        ConsoleTarget::File(path) => Some(Box::new(
             File::options()
                 .create(true)
                 .append(true)
@@ -328,7 +294,7 @@ fn console_writer(console: &ConsoleOut) -> Result<Option<Box<dyn Write + Send>>,
 /// The serial port and i8042 on the port bus, plus the virtio windows.
 fn device_bus(
     vmfd: &VmFd,
-    console: &ConsoleOut,
+    console: &ConsoleTarget,
     serial_state: Option<&SerialSnapshot>,
     devices: &[(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)],
     control: &Arc<RunControl>,
@@ -369,7 +335,7 @@ fn device_bus(
 
 /// Guest RAM for a VM that boots: a memfd, or `dir/memory` for a VM that
 /// may be frozen (a master), so that clones can map it by name.
-fn boot_memory(cfg: &VmConfig) -> Result<File, BuildError> {
+fn boot_memory(cfg: &BootSource) -> Result<File, BuildError> {
     let size = cfg.memory_mib << 20;
     match &cfg.snapshot_dir {
         None => Ok(memory::create_memfd(size)?),
@@ -396,7 +362,11 @@ fn boot_memory(cfg: &VmConfig) -> Result<File, BuildError> {
 /// Boots the VM described by `cfg`, runs it until the guest ends (or it is
 /// frozen through the control socket), and returns why it ended. Emits
 /// [`Event`]s on the way.
-pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildError> {
+pub fn run_vm(
+    launch: &VmmLaunch,
+    cfg: &BootSource,
+    events: Arc<EventSink>,
+) -> Result<VmEnd, BuildError> {
     validate(cfg)?;
     let kvm = vm::open_kvm()?;
     let size = cfg.memory_mib << 20;
@@ -406,7 +376,7 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
 
     // Devices first: the command line names them.
     let mut devices = Vec::new();
-    if let Some(uds) = &cfg.vsock_uds {
+    if let Some(uds) = &launch.vsock {
         let vsock =
             Vsock::new(cfg.guest_cid, uds).map_err(|e| device_err("vsock")(e.to_string()))?;
         let t = MmioTransport::new(Box::new(vsock), mem.clone())
@@ -431,7 +401,8 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
     vcpu::write_boot_tables(&mem)?;
 
     let control = Arc::new(RunControl::default());
-    let (bus, console_state) = device_bus(&vmfd, &cfg.console, None, &devices, &control, &events)?;
+    let (bus, console_state) =
+        device_bus(&vmfd, &launch.console, None, &devices, &control, &events)?;
     let mut vcpus = Vec::new();
     for index in 0..cfg.vcpus {
         let entry = (index == 0).then_some(info.entry);
@@ -458,18 +429,7 @@ pub fn run_vm(cfg: &VmConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildErro
         freeze,
         _mem: mem,
     };
-    run_machine(machine, cfg.control.as_deref(), events)
-}
-
-/// How to start a clone from a snapshot.
-#[derive(Debug, Clone)]
-pub struct RestoreConfig {
-    /// The snapshot directory (`snapshotter` format).
-    pub snapshot: PathBuf,
-    /// Host side of virtio-vsock for this clone (its own socket).
-    pub vsock_uds: Option<PathBuf>,
-    /// Serial console destination.
-    pub console: ConsoleOut,
+    run_machine(machine, launch.control.as_deref(), events)
 }
 
 /// Errors specific to restoring.
@@ -480,9 +440,13 @@ fn restore_err(e: impl std::fmt::Display) -> BuildError {
 /// Starts a VM from a snapshot: guest RAM is the snapshot's memory file
 /// mapped copy-on-write (nothing is copied up front), then VM, vCPU and
 /// device state are restored and the vCPUs resume where the master stopped.
-pub fn restore_vm(cfg: &RestoreConfig, events: Arc<EventSink>) -> Result<VmEnd, BuildError> {
-    let prepared = prepare_restore(&cfg.snapshot)?;
-    run_restored(&prepared, cfg, events)
+pub fn restore_vm(
+    launch: &VmmLaunch,
+    snapshot: &std::path::Path,
+    events: Arc<EventSink>,
+) -> Result<VmEnd, BuildError> {
+    let prepared = prepare_restore(snapshot)?;
+    run_restored(&prepared, launch, events)
 }
 
 /// A snapshot read and its memory mapped: everything of a restore that
@@ -509,7 +473,7 @@ pub fn prepare_restore(dir: &std::path::Path) -> Result<PreparedRestore, BuildEr
 /// state, and runs it to its end.
 pub fn run_restored(
     prepared: &PreparedRestore,
-    cfg: &RestoreConfig,
+    launch: &VmmLaunch,
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
     let PreparedRestore { state, mem } = prepared;
@@ -527,7 +491,7 @@ pub fn run_restored(
     for d in &state.devices {
         let model: Box<dyn VirtioDevice> = match d.kind {
             DeviceKind::Vsock => {
-                let Some(uds) = &cfg.vsock_uds else {
+                let Some(uds) = &launch.vsock else {
                     return Err(restore_err("the snapshot has a vsock device: give --vsock"));
                 };
                 Box::new(
@@ -544,7 +508,7 @@ pub fn run_restored(
     let control = Arc::new(RunControl::default());
     let (bus, console_state) = device_bus(
         &vmfd,
-        &cfg.console,
+        &launch.console,
         Some(&state.serial),
         &devices,
         &control,
@@ -790,24 +754,16 @@ fn run_machine(
 mod tests {
     use super::*;
 
-    fn cfg() -> VmConfig {
-        VmConfig {
-            kernel: "/nonexistent".into(),
-            initrd: None,
-            cmdline: String::new(),
+    fn cfg() -> BootSource {
+        BootSource {
             memory_mib: 64,
-            vcpus: 1,
-            vsock_uds: None,
-            guest_cid: 3,
-            console: ConsoleOut::None,
-            snapshot_dir: None,
-            control: None,
+            ..BootSource::new("/nonexistent")
         }
     }
 
     #[test]
     fn bad_sizes_are_refused_before_anything_is_created() {
-        let c = VmConfig {
+        let c = BootSource {
             memory_mib: 0,
             ..cfg()
         };
@@ -815,7 +771,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at least 1 MiB"));
-        let c = VmConfig {
+        let c = BootSource {
             memory_mib: host_memory_mib() + 1,
             ..cfg()
         };
@@ -823,7 +779,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("more than this host has"));
-        let c = VmConfig { vcpus: 0, ..cfg() };
+        let c = BootSource { vcpus: 0, ..cfg() };
         assert!(validate(&c).is_err());
         assert!(validate(&cfg()).is_ok());
     }

@@ -4,7 +4,7 @@
 //! It owns the KVM objects ([`vstate`]), guest RAM ([`memory`]), loading a
 //! Linux guest ([`boot`]), the emulated devices ([`devices`]) and assembling
 //! and running them ([`builder`]). It reports to whoever started it through
-//! [`events`] on stdout.
+//! [`proto::events`] on stdout, and takes requests on [`ctl`].
 //!
 //! It must not: run more than one VM per process (a guest that escapes
 //! reaches one VM only), use an async runtime on vCPU or device paths (those
@@ -16,8 +16,6 @@ pub mod boot;
 pub mod builder;
 pub mod ctl;
 pub mod devices;
-pub mod events;
-pub mod fork_bench;
 pub mod layout;
 pub mod memory;
 pub mod snapshot;

@@ -114,6 +114,25 @@ pub struct VmSnapshot {
     pub serial: SerialSnapshot,
 }
 
+/// Opens the snapshot in `dir` and checks that this VMM can restore it:
+/// what `zygote-vmm --check-snapshot` answers, and the first step of every
+/// restore.
+pub fn check(dir: &std::path::Path) -> Result<VmSnapshot, CheckError> {
+    let snap = snapshotter::open(dir)?;
+    Ok(VmSnapshot::read(&snap)?)
+}
+
+/// Why a snapshot cannot be restored here.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The files: missing, another format version, checksums.
+    #[error(transparent)]
+    Files(#[from] snapshotter::Error),
+    /// The VM state.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
 /// A snapshot that does not describe a VM this VMM can rebuild.
 #[derive(Debug, thiserror::Error)]
 #[error("snapshot state does not fit this VMM: {0}")]

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::events::{now_us, Event, EventSink};
+use proto::events::{now_us, Event, EventSink};
 
 /// Lines the console remembers for error reports.
 const TAIL_LINES: usize = 40;

@@ -168,7 +168,7 @@ impl Muxer {
         let r = if n == 4 {
             u32::from_ne_bytes(b)
         } else {
-            crate::events::now_us() as u32
+            proto::events::now_us() as u32
         };
         // Somewhere in the first half of the range, far from its end.
         self.next_port = FIRST_LOCAL_PORT + (r & ((1 << 29) - 1));

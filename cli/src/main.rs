@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
+use host::vmm::VmSpec;
 
 mod commands;
 
@@ -37,14 +37,15 @@ struct VmArgs {
 }
 
 impl VmArgs {
-    fn spec(&self, console: bool) -> Result<api::vm::VmSpec, api::vm::VmError> {
-        api::run::spec(
+    fn spec(&self, console: bool) -> Result<VmSpec, host::vmm::VmError> {
+        let mut spec = VmSpec::new(
             self.kernel.as_deref(),
             self.rootfs.as_deref(),
             self.memory,
             self.vcpus,
-            console,
-        )
+        )?;
+        spec.console = console;
+        Ok(spec)
     }
 }
 
@@ -118,10 +119,13 @@ enum Cmd {
         #[command(subcommand)]
         what: SnapshotCmd,
     },
-    /// Benchmarks.
+    /// Benchmarks (`zygote bench boot|clone --help`); runs `zygote-bench`,
+    /// which is built next to `zygote`.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        what: BenchCmd,
+        /// What `zygote-bench` takes.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -178,120 +182,6 @@ enum SnapshotCmd {
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum BenchCmd {
-    /// Cold-boot N VMs in turn and time each phase.
-    Boot {
-        #[command(flatten)]
-        vm: VmArgs,
-        /// Number of boots.
-        #[arg(long, default_value_t = 3)]
-        count: usize,
-        /// Also boot the same image under a peer VMM (`qemu`).
-        #[arg(long, value_parser = ["qemu"])]
-        peer: Option<String>,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Clone a warm master N times and compare with its cold boot (and with
-    /// QEMU restoring a saved VM).
-    Clone(BenchCloneArgs),
-}
-
-#[derive(clap::Args, Debug)]
-struct BenchCloneArgs {
-    /// Guest RAM of the master, in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Guest kernel (default: the one scripts/setup built).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Guest root filesystem, an initramfs (default: the one scripts/setup built).
-    #[arg(long)]
-    rootfs: Option<PathBuf>,
-    /// How long a cold boot may take to reach the guest agent, in seconds.
-    #[arg(long, default_value_t = 180)]
-    boot_timeout: u64,
-    /// Clones started one after another, and again in parallel.
-    #[arg(long, default_value_t = 20)]
-    count: usize,
-    /// Clones brought up at once (parallel rate, density).
-    #[arg(long, default_value_t = 8)]
-    parallel: usize,
-    /// Warm-up shell command run in the master before the freeze ('' for none).
-    #[arg(long, default_value = api::bench_clone::DEFAULT_WARMUP)]
-    warmup: String,
-    /// Also time QEMU restoring a saved VM (`qemu`).
-    #[arg(long, value_parser = ["qemu"])]
-    peer: Option<String>,
-    /// Also start clones until --density-limit are alive (or memory runs low).
-    #[arg(long)]
-    density: bool,
-    /// How many clones --density stops at.
-    #[arg(long, default_value_t = 400)]
-    density_limit: usize,
-    /// --density goes on past this many clones that fail to start (0: it
-    /// stops at the first).
-    #[arg(long, default_value_t = 0)]
-    density_max_failures: usize,
-    /// RAM of a second master (no warm-up) whose clones are timed too, MiB; 0 skips it.
-    #[arg(long, default_value_t = 2048)]
-    big_memory: u64,
-    /// Write the latency CDF plot here (SVG; '' for none).
-    #[arg(long, default_value = "bench-clone.svg")]
-    plot: String,
-    /// Do not write the plot.
-    #[arg(long)]
-    no_plot: bool,
-    /// Measure the idle clone for 10 s instead of 30 s.
-    #[arg(long)]
-    quick: bool,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-}
-
-fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
-    let spec = api::run::spec(
-        a.kernel.as_deref(),
-        a.rootfs.as_deref(),
-        a.memory,
-        a.vcpus,
-        false,
-    )?;
-    let opts = api::bench_clone::CloneBenchOptions {
-        spec,
-        boot_timeout: Duration::from_secs(a.boot_timeout),
-        count: a.count,
-        parallel: a.parallel,
-        warmup: a.warmup,
-        peer_qemu: a.peer.is_some(),
-        density: a.density,
-        density_limit: a.density_limit,
-        density_max_failures: a.density_max_failures,
-        big_memory_mib: a.big_memory,
-        idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
-    };
-    api::bench_clone::install_interrupt_handler();
-    let report = api::bench_clone::bench_clone(&opts, &mut |msg| eprintln!("zygote bench: {msg}"))
-        .context("clone benchmark")?;
-    if a.json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.to_table());
-    }
-    if !a.no_plot && !a.plot.is_empty() {
-        let path = PathBuf::from(&a.plot);
-        report.write_plot(&path).context("clone benchmark plot")?;
-        eprintln!("zygote bench: plot written to {}", path.display());
-    }
-    Ok(if report.errors.is_empty() { 0 } else { 1 })
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
@@ -299,7 +189,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("zygote: {e:#}");
             let code = e
-                .downcast_ref::<api::run::RunError>()
+                .downcast_ref::<host::run::RunError>()
                 .map(|r| r.exit_code())
                 .unwrap_or(1);
             ExitCode::from(code as u8)
@@ -316,13 +206,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cmd,
         } => {
             let spec = vm.spec(console)?;
-            let opts = api::run::RunOptions {
+            let opts = host::run::RunOptions {
                 spec,
                 boot_timeout: Duration::from_secs(vm.boot_timeout),
                 argv: cmd,
                 timings,
             };
-            Ok(api::run::run(&opts)?)
+            Ok(host::run::run(&opts)?)
         }
         Cmd::Master { what } => commands::master(what),
         Cmd::Clone {
@@ -334,40 +224,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             timings,
         } => commands::clone(&name, count, detach, parallel, timeout, timings),
         Cmd::Exec { clone, cmd } => {
-            let store = api::store::Store::open_default();
-            let mut agent = api::clone::connect(&store, &clone)?;
-            Ok(api::run::exec_stdio(&mut agent, &cmd)?)
+            let store = host::store::Store::open_default();
+            let mut agent = host::clone::connect(&store, &clone)?;
+            Ok(host::run::exec_stdio(&mut agent, &cmd)?)
         }
         Cmd::Ps { json } => commands::ps(json),
         Cmd::Kill { clones, all } => commands::kill(clones, all),
         Cmd::Snapshot { what } => commands::snapshot(what),
-        Cmd::Bench {
-            what:
-                BenchCmd::Boot {
-                    vm,
-                    count,
-                    peer,
-                    json,
-                },
-        } => {
-            let spec = vm.spec(false)?;
-            let report = api::bench::bench_boot(
-                &spec,
-                count.max(1),
-                peer.is_some(),
-                Duration::from_secs(vm.boot_timeout),
-                &mut |msg| eprintln!("zygote bench: {msg}"),
-            )
-            .context("boot benchmark")?;
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{}", report.to_table());
-            }
-            Ok(0)
-        }
-        Cmd::Bench {
-            what: BenchCmd::Clone(args),
-        } => bench_clone(args),
+        Cmd::Bench { args } => bench(args),
     }
+}
+
+/// `zygote bench ...`: the benchmarks live in their own binary so that the
+/// product carries none of their code; this runs it with the same arguments.
+fn bench(args: Vec<std::ffi::OsString>) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let bench = exe.with_file_name("zygote-bench");
+    if !bench.is_file() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release -p bench`",
+            bench.display()
+        );
+    }
+    let err = std::process::Command::new(&bench).args(args).exec();
+    Err(anyhow::anyhow!("cannot run {}: {err}", bench.display()))
 }

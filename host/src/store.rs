@@ -1,5 +1,5 @@
 //! Where masters and clones live between commands: a small per-user state
-//! directory, [`crate::vm::runtime_root`] (`/run/zygote` for root,
+//! directory, [`crate::paths::runtime_root`] (`/run/zygote` for root,
 //! `$XDG_RUNTIME_DIR/zygote` otherwise; `$ZYGOTE_RUNTIME_DIR` overrides it).
 //! It is meant to be a tmpfs: a booted master's RAM is a file in it, and
 //! nothing in it survives a reboot, as no VM does.
@@ -11,6 +11,7 @@
 //! clones/ID/{vsock.sock,console.log,events.jsonl,vmm.log}
 //! ```
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -83,6 +84,16 @@ pub struct MasterRecord {
     /// Warm-up duration, ms.
     #[serde(default)]
     pub warmup_ms: Option<f64>,
+    /// The tenant that owns it (`None`: the host's admin, e.g. the local CLI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The name its owner knows it by (the store name is `NAME.TENANT`
+    /// for tenants other than the admin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// The owner's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A clone: which process runs it.
@@ -101,6 +112,15 @@ pub struct CloneRecord {
     pub pid_start: u64,
     /// When it started (Unix seconds).
     pub created_unix_s: u64,
+    /// The tenant that owns it (`None`: the host's admin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The owner's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// When the daemon kills it (Unix seconds), if it has a TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_deadline_unix_s: Option<u64>,
 }
 
 /// The state directory.
@@ -178,7 +198,7 @@ impl Store {
     /// The store at the default place.
     pub fn open_default() -> Self {
         Store {
-            root: crate::vm::runtime_root(),
+            root: crate::paths::runtime_root(),
         }
     }
 
@@ -328,24 +348,10 @@ fn remove_abandoned(masters: &Path) {
     }
 }
 
-/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
-pub fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 impl CloneRecord {
     /// Whether the clone's VMM process still runs (and is the same process).
     pub fn alive(&self) -> bool {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        // A zombie has exited: only its parent has not reaped it yet.
-        let zombie = stat
-            .rfind(')')
-            .and_then(|i| stat.get(i + 2..i + 3))
-            .is_some_and(|s| s == "Z");
-        !zombie && process_start(self.pid) == Some(self.pid_start)
+        crate::procfs::is_same_live_process(self.pid, self.pid_start)
     }
 }
 
@@ -380,8 +386,11 @@ mod tests {
             id: "x".into(),
             master: "m".into(),
             pid: me,
-            pid_start: process_start(me).unwrap(),
+            pid_start: crate::procfs::start_ticks(me).unwrap(),
             created_unix_s: 0,
+            tenant: None,
+            labels: BTreeMap::new(),
+            ttl_deadline_unix_s: None,
         };
         assert!(rec.alive());
         let other = CloneRecord {

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::vm::VmSpec;
+use host::vmm::VmSpec;
 
 /// How long one QMP step (connect, save, load) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -595,7 +595,7 @@ mod tests {
     fn qemu_save_and_restore_twice() {
         // `run::spec` resolves the image with `GuestImage::resolve(None, None)`
         // and fills in whatever else `VmSpec` holds.
-        let spec = crate::run::spec(None, None, 128, 1, false).expect("guest image");
+        let spec = VmSpec::new(None, None, 128, 1).expect("guest image");
         let samples = qemu_restore(&spec, Duration::from_secs(180), 2, &mut |m| {
             eprintln!("{m}")
         })

@@ -29,23 +29,6 @@ impl Summary {
     }
 }
 
-/// Reads `/proc/PID/status` fields (in KiB): VmRSS, RssAnon, RssFile, RssShmem.
-pub fn rss_kib(pid: u32) -> Option<(u64, u64, u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-    };
-    Some((
-        field("VmRSS:")?,
-        field("RssAnon:")?,
-        field("RssFile:")?,
-        field("RssShmem:")?,
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,11 +45,5 @@ mod tests {
         );
         assert_eq!(Summary::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().p50, 2.0);
         assert!(Summary::of(&[]).is_none());
-    }
-
-    #[test]
-    fn own_rss_is_readable() {
-        let (rss, anon, file, _) = rss_kib(std::process::id()).unwrap();
-        assert!(rss > 0 && anon + file <= rss + 1);
     }
 }

@@ -9,7 +9,7 @@ use proto::ExecRequest;
 
 use crate::agent::{fresh_identity, AgentClient, AgentError};
 use crate::store::{check_name, unix_now, MasterRecord, Store, StoreError, RECORD_VERSION};
-use crate::vm::{VmError, VmProcess, VmSpec};
+use crate::vmm::{VmError, VmSpec, VmmProcess};
 
 /// Errors making or moving masters.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,17 @@ pub enum MasterError {
     },
 }
 
+/// Where a master being made is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Cold boot, until the agent answers.
+    Booting,
+    /// The warm-up command runs (then the freeze).
+    Warming,
+    /// Frozen and recorded.
+    Frozen,
+}
+
 /// What `master create` needs.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -60,6 +71,12 @@ pub struct CreateOptions {
     pub boot_timeout: Duration,
     /// How long the warm-up may take.
     pub warmup_timeout: Duration,
+    /// The owning tenant (`None`: the host's admin).
+    pub tenant: Option<String>,
+    /// The name the owner knows it by, when the store name differs.
+    pub display_name: Option<String>,
+    /// The owner's labels.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Boots a VM, runs the warm-up (its output goes to `warmup_out`), freezes
@@ -68,7 +85,7 @@ pub fn create(
     store: &Store,
     opts: &CreateOptions,
     warmup_out: &mut dyn std::io::Write,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(Phase, &str),
 ) -> Result<MasterRecord, MasterError> {
     let tmp = store.new_master_dir(&opts.name)?;
     let result = create_in(store, &tmp, opts, warmup_out, progress);
@@ -83,7 +100,7 @@ fn create_in(
     tmp: &Path,
     opts: &CreateOptions,
     warmup_out: &mut dyn std::io::Write,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(Phase, &str),
 ) -> Result<MasterRecord, MasterError> {
     let snap_dir = tmp.join("snapshot");
     std::fs::create_dir(&snap_dir).map_err(|source| StoreError::Io {
@@ -93,11 +110,14 @@ fn create_in(
     let mut spec = opts.spec.clone();
     spec.snapshot_dir = Some(snap_dir.clone());
     let t0 = Instant::now();
-    let mut vm = VmProcess::spawn(&spec)?;
-    progress("booting the master");
+    let mut vm = VmmProcess::boot(&spec)?;
+    progress(Phase::Booting, "booting the master");
     vm.wait_ready(opts.boot_timeout)?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    progress(&format!("agent ready after {:.1} s", boot_ms / 1000.0));
+    progress(
+        Phase::Booting,
+        &format!("agent ready after {:.1} s", boot_ms / 1000.0),
+    );
     // The master gets an identity too (its own name and the host's clock,
     // which the warm-up then sees), and the connection it arrives on
     // rehearses what every clone does first: the code and kernel paths of
@@ -109,7 +129,7 @@ fn create_in(
     agent.set_identity(identity)?;
     let mut warmup_ms = None;
     if let Some(cmd) = &opts.warmup {
-        progress(&format!("warm-up: {cmd}"));
+        progress(Phase::Warming, &format!("warm-up: {cmd}"));
         let t = Instant::now();
         let mut req = ExecRequest::new(vec!["sh".into(), "-c".into(), cmd.clone()]);
         req.timeout_ms = Some(opts.warmup_timeout.as_millis() as u64);
@@ -131,11 +151,14 @@ fn create_in(
     // Closed before the freeze: a clone must not inherit a connection.
     drop(agent);
     let frozen = vm.freeze(Duration::from_secs(60))?;
-    progress(&format!(
-        "frozen: vCPUs paused in {:.1} ms, state saved in {:.1} ms",
-        frozen.pause_ms.unwrap_or(0.0),
-        frozen.save_ms.unwrap_or(0.0)
-    ));
+    progress(
+        Phase::Frozen,
+        &format!(
+            "frozen: vCPUs paused in {:.1} ms, state saved in {:.1} ms",
+            frozen.pause_ms.unwrap_or(0.0),
+            frozen.save_ms.unwrap_or(0.0)
+        ),
+    );
     let rec = MasterRecord {
         version: RECORD_VERSION,
         name: opts.name.clone(),
@@ -146,6 +169,9 @@ fn create_in(
         snapshot: store.master_dir(&opts.name).join("snapshot"),
         boot_ms: Some(boot_ms),
         warmup_ms,
+        tenant: opts.tenant.clone(),
+        display_name: opts.display_name.clone(),
+        labels: opts.labels.clone(),
     };
     store.commit_master(tmp, &rec)?;
     Ok(rec)
@@ -171,12 +197,19 @@ pub fn remove(store: &Store, name: &str, force: bool) -> Result<(), MasterError>
     Ok(())
 }
 
-/// Checks that a snapshot's state describes a VM this zygote can start.
-fn check_state(snap: &snapshotter::Snapshot) -> Result<vmm::snapshot::VmSnapshot, MasterError> {
-    vmm::snapshot::VmSnapshot::read(snap).map_err(|e| MasterError::BadState {
-        path: snap.dir.clone(),
-        why: e.to_string(),
-    })
+/// Checks that a snapshot describes a VM this zygote can start on this
+/// host (the VMM's own restore checks, without starting it).
+fn check_state(dir: &Path) -> Result<proto::launch::SnapshotCheck, MasterError> {
+    let check = crate::vmm::check_snapshot(dir)?;
+    if !check.ok {
+        return Err(MasterError::BadState {
+            path: dir.to_path_buf(),
+            why: check
+                .error
+                .unwrap_or_else(|| "refused without a reason".into()),
+        });
+    }
+    Ok(check)
 }
 
 /// Writes master `name` to `dst` (sparse memory, checksums, atomic).
@@ -203,18 +236,21 @@ pub fn load(store: &Store, dir: &Path, name: Option<&str>) -> Result<MasterRecor
     check_name(&name)?;
     let snap = snapshotter::open(&dir)?;
     snapshotter::verify_memory(&snap)?;
-    let state = check_state(&snap)?;
+    let state = check_state(&dir)?;
     let tmp = store.new_master_dir(&name)?;
     let rec = MasterRecord {
         version: RECORD_VERSION,
         name: name.clone(),
         memory_mib: state.memory_mib,
-        vcpus: state.vcpus.len() as u8,
+        vcpus: state.vcpus,
         warmup: None,
         created_unix_s: unix_now(),
         snapshot: dir,
         boot_ms: None,
         warmup_ms: None,
+        tenant: None,
+        display_name: None,
+        labels: Default::default(),
     };
     let result = store.commit_master(&tmp, &rec);
     if result.is_err() {

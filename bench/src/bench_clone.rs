@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 use proto::ExecRequest;
 use serde::Serialize;
 
-use crate::agent::AgentError;
-use crate::clone::{CloneError, CloneOptions, Started};
-use crate::master::{CreateOptions, MasterError};
 use crate::peer::QemuRestoreSample;
 use crate::plot::{PlotError, Series};
-use crate::stats::{rss_kib, Summary};
-use crate::store::{MasterRecord, Store};
-use crate::vm::VmSpec;
+use crate::stats::Summary;
+use host::agent::AgentError;
+use host::clone::{CloneError, CloneOptions, Started};
+use host::master::{CreateOptions, MasterError};
+use host::store::{MasterRecord, Store};
+use host::vmm::VmSpec;
 
 /// The default warm-up: a few seconds of guest shell work that leaves state
 /// behind (a file in tmpfs and a running process).
@@ -308,7 +308,7 @@ pub struct CloneReport {
     pub big: Option<BigResult>,
     /// The same snapshot started as a fresh VMM process and as a `fork()`
     /// of a prepared one (µs, start -> vCPU 0 running), in turns.
-    pub fork_vs_spawn: Option<vmm::fork_bench::ForkBench>,
+    pub fork_vs_spawn: Option<crate::fork_bench::ForkBench>,
     /// QEMU restores.
     pub qemu: Option<Vec<QemuRestoreSample>>,
     /// `--density`.
@@ -477,7 +477,7 @@ struct Workspace {
 
 impl Workspace {
     fn new() -> Result<Self, CloneBenchError> {
-        let root = crate::vm::runtime_root().join(format!("bench-clone-{}", std::process::id()));
+        let root = host::paths::runtime_root().join(format!("bench-clone-{}", std::process::id()));
         // A leftover of a killed run that had the same pid.
         let _ = std::fs::remove_dir_all(&root);
         std::fs::DirBuilder::new()
@@ -505,7 +505,7 @@ impl Drop for Workspace {
     fn drop(&mut self) {
         self.kill_live();
         for rec in self.store.clones().into_iter().flatten() {
-            let _ = crate::clone::kill(&self.store, &rec.id);
+            let _ = host::clone::kill(&self.store, &rec.id);
         }
         let _ = std::fs::remove_dir_all(&self.root);
         if let Some(parent) = self.root.parent() {
@@ -518,16 +518,14 @@ impl Drop for Workspace {
 /// Kills clones (SIGKILL to all first, then reaps each) and removes their
 /// files.
 fn kill_clones(store: &Store, clones: &mut Vec<Started>) {
-    for s in clones.iter_mut() {
-        if let Some(c) = s.child_mut() {
-            let _ = c.kill();
+    for s in clones.iter() {
+        if let Some(fd) = s.vmm.pidfd() {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
         }
     }
     for mut s in clones.drain(..) {
-        if let Some(c) = s.child_mut() {
-            let _ = c.wait();
-        }
-        let _ = crate::clone::kill(store, &s.id);
+        s.vmm.kill();
+        let _ = host::clone::kill(store, &s.id);
     }
 }
 
@@ -536,12 +534,12 @@ fn ms_between(from: u64, to: u64) -> f64 {
 }
 
 fn sample_of(s: &Started, start_call_ms: f64) -> CloneSample {
-    let t = &s.timeline;
+    let t = s.timeline();
     CloneSample {
-        started_ms: t.started_us.map(|v| ms_between(t.spawn_us, v)),
-        running_ms: t.vcpu_running_us.map(|v| ms_between(t.spawn_us, v)),
-        identity_ms: ms_between(t.spawn_us, t.identity_us),
-        ready_ms: ms_between(t.spawn_us, t.ping_us),
+        started_ms: t.ms_since_spawn(t.started_us),
+        running_ms: t.ms_since_spawn(t.vcpu_running_us),
+        identity_ms: t.ms_since_spawn(t.identity_us).unwrap_or(f64::NAN),
+        ready_ms: t.ms_since_spawn(t.ping_us).unwrap_or(f64::NAN),
         exec_true_ms: 0.0,
         start_call_ms,
         private_kib_after_exec: None,
@@ -596,10 +594,13 @@ impl Ctx<'_> {
             warmup,
             boot_timeout,
             warmup_timeout: Duration::from_secs(600),
+            tenant: None,
+            display_name: None,
+            labels: Default::default(),
         };
         let store = self.ws.store.clone();
         let progress = &mut *self.progress;
-        let rec = crate::master::create(&store, &create, &mut std::io::sink(), &mut |m| {
+        let rec = host::master::create(&store, &create, &mut std::io::sink(), &mut |_, m| {
             progress(&format!("master {name} ({memory_mib} MiB): {m}"))
         })
         .map_err(|source| CloneBenchError::Master {
@@ -652,7 +653,7 @@ impl Ctx<'_> {
             check_interrupted()?;
             let mut sample = self.start_one(MASTER)?;
             sample.exec_true_ms = self.exec_true()?;
-            let pid = self.ws.live.last().map(|s| s.pid).unwrap_or(0);
+            let pid = self.ws.live.last().map(|s| s.pid()).unwrap_or(0);
             let mem = memory_of(pid, guest_ram);
             sample.private_kib_after_exec = mem.map(|m| m.private_kib);
             sample.guest_copied_kib_after_exec = mem.map(|m| m.guest_anon_kib);
@@ -673,7 +674,7 @@ impl Ctx<'_> {
     fn idle(&mut self, guest_ram: &str) -> Result<IdleResult, CloneBenchError> {
         check_interrupted()?;
         self.start_one(MASTER)?;
-        let pid = self.ws.live.last().map(|s| s.pid).unwrap_or(0);
+        let pid = self.ws.live.last().map(|s| s.pid()).unwrap_or(0);
         let window = self.opts.idle_window;
         self.say(&format!(
             "idle clone: settling {:.0} s, then measuring CPU for {:.0} s",
@@ -696,7 +697,7 @@ impl Ctx<'_> {
         let c1 = cpu_ticks(pid);
         let wall = t0.elapsed();
         let memory = memory_of(pid, guest_ram).unwrap_or_default();
-        let status_rss = rss_kib(pid);
+        let status_rss = host::procfs::rss(pid).map(|r| (r.total, r.anon, r.file, r.shmem));
         let (Some(c0), Some(c1)) = (c0, c1) else {
             return Err(CloneBenchError::Failed(
                 "idle clone: cannot read its /proc/PID/stat (did it end?)".into(),
@@ -756,11 +757,11 @@ impl Ctx<'_> {
     fn burst(&mut self) -> Result<BurstResult, CloneBenchError> {
         check_interrupted()?;
         let n = BURST;
-        let r = crate::clone::spawn_burst(&self.ws.store, MASTER, n, Duration::from_secs(60))
+        let r = host::clone::spawn_burst(&self.ws.store, MASTER, n, Duration::from_secs(60))
             .map_err(|e| CloneBenchError::Failed(format!("burst: {e}")));
         let clones = r?;
         for c in &clones {
-            let _ = crate::clone::kill(&self.ws.store, &c.id);
+            let _ = host::clone::kill(&self.ws.store, &c.id);
         }
         let first = clones.iter().map(|c| c.spawn_us).min().unwrap_or(0);
         let last = clones
@@ -797,7 +798,7 @@ impl Ctx<'_> {
             ));
             clones.push(s);
         }
-        let _ = crate::master::remove(&self.ws.store, BIG_MASTER, true);
+        let _ = host::master::remove(&self.ws.store, BIG_MASTER, true);
         Ok(BigResult {
             memory_mib: mib,
             boot_ms: rec.boot_ms.unwrap_or(0.0),
@@ -883,9 +884,9 @@ impl Ctx<'_> {
         let after = mem_available_kib().unwrap_or(0);
         let (mut pss, mut private, mut anon) = (0, 0, 0);
         for s in &clones {
-            anon += crate::clone::smaps_rollup(s.pid, "Anonymous").unwrap_or(0);
-            pss += crate::clone::smaps_rollup(s.pid, "Pss").unwrap_or(0);
-            private += crate::clone::smaps_rollup(s.pid, "Private_Dirty").unwrap_or(0);
+            anon += host::procfs::smaps_rollup(s.pid(), "Anonymous").unwrap_or(0);
+            pss += host::procfs::smaps_rollup(s.pid(), "Pss").unwrap_or(0);
+            private += host::procfs::smaps_rollup(s.pid(), "Private_Dirty").unwrap_or(0);
         }
         let t = Instant::now();
         let alive = ping_all(&mut clones, PING_THREADS, DENSITY_PING_LIMIT);
@@ -941,15 +942,13 @@ fn start_guarded(
         scope.spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
                 for c in store.clones().into_iter().flatten() {
-                    if c.master == master && !before.contains(&c.id) && c.alive() {
-                        // SAFETY: kill(2) on a pid the record shows is this
-                        // clone's VMM (same start time), a child of ours.
-                        unsafe { libc::kill(c.pid as libc::pid_t, libc::SIGKILL) };
+                    if c.master == master && !before.contains(&c.id) {
+                        host::vmm::kill_process(c.pid, c.pid_start);
                     }
                 }
             }
         });
-        let r = crate::clone::start(store, master, count, opts);
+        let r = host::clone::start(store, master, count, opts);
         drop(tx);
         r
     })
@@ -963,7 +962,7 @@ fn ping_all(clones: &mut [Started], threads: usize, limit: Duration) -> usize {
         return 0;
     }
     let answered: Vec<AtomicBool> = clones.iter().map(|_| AtomicBool::new(false)).collect();
-    let pids: Vec<u32> = clones.iter().map(|s| s.pid).collect();
+    let pids: Vec<u32> = clones.iter().map(|s| s.pid()).collect();
     let chunk = clones.len().div_ceil(threads.max(1));
     let (tx, rx) = mpsc::channel::<()>();
     std::thread::scope(|scope| {
@@ -1080,7 +1079,7 @@ pub fn bench_clone(
             Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
             Err(e) => {
                 ctx.say(&format!("big master: {e}"));
-                let _ = crate::master::remove(&ctx.ws.store, BIG_MASTER, true);
+                let _ = host::master::remove(&ctx.ws.store, BIG_MASTER, true);
                 report
                     .errors
                     .push(format!("{} MiB master: {e}", opts.big_memory_mib));
@@ -1119,17 +1118,19 @@ pub fn bench_clone(
     Ok(report)
 }
 
-/// Runs the VMM's `--fork-bench` on `rec`'s snapshot.
-fn fork_vs_spawn(rec: &MasterRecord, count: usize) -> Result<vmm::fork_bench::ForkBench, String> {
-    let vmm = crate::paths::vmm_binary().map_err(|e| e.to_string())?;
+/// Runs `zygote-bench fork-bench` (a fresh, single-threaded process that
+/// may fork) on `rec`'s snapshot.
+fn fork_vs_spawn(rec: &MasterRecord, count: usize) -> Result<crate::fork_bench::ForkBench, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("zygote-fork-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let out = std::process::Command::new(vmm)
-        .arg("--restore")
+    let out = std::process::Command::new(exe)
+        .arg("fork-bench")
+        .arg("--snapshot")
         .arg(&rec.snapshot)
-        .arg("--vsock")
+        .arg("--dir")
         .arg(&dir)
-        .arg("--fork-bench")
+        .arg("--count")
         .arg(count.to_string())
         .stdin(std::process::Stdio::null())
         .output();
@@ -1654,7 +1655,7 @@ mod tests {
                 running: 50,
                 wall_ms: 250.0,
             }),
-            fork_vs_spawn: Some(vmm::fork_bench::ForkBench {
+            fork_vs_spawn: Some(crate::fork_bench::ForkBench {
                 spawn_us: vec![2700, 2900],
                 fork_us: vec![1300, 1350],
             }),

@@ -2,19 +2,16 @@
 //! own copy-on-write view of the master's RAM, its own vsock socket and its
 //! own identity. A clone outlives the command that made it when detached.
 
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm::events::{now_us, Event};
+use proto::events::{now_us, Event};
+use proto::launch::VmSource;
 
 use crate::agent::{fresh_identity, AgentClient, AgentError};
-use crate::paths;
-use crate::store::{
-    process_start, unix_now, CloneRecord, MasterRecord, Store, StoreError, RECORD_VERSION,
-};
+use crate::procfs;
+use crate::store::{unix_now, CloneRecord, MasterRecord, Store, StoreError, RECORD_VERSION};
+use crate::vmm::{self, SpawnOptions, Timeline, VmError, VmmProcess};
 
 /// Errors starting or managing clones.
 #[derive(Debug, thiserror::Error)]
@@ -22,18 +19,9 @@ pub enum CloneError {
     /// The state directory.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Files zygote needs.
-    #[error(transparent)]
-    Paths(#[from] paths::PathError),
     /// The VMM could not be started.
-    #[error("cannot start {path}: {source}")]
-    Spawn {
-        /// VMM binary.
-        path: PathBuf,
-        /// OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
     /// The clone's VMM ended before the clone was ready.
     #[error("clone {id} failed to start: {message}")]
     Died {
@@ -66,45 +54,31 @@ pub enum CloneError {
     NotRunning(String),
 }
 
-/// Host timestamps (CLOCK_MONOTONIC µs) of one clone's start.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CloneTimeline {
-    /// Just before the VMM was spawned.
-    pub spawn_us: u64,
-    /// The VMM's `main` ran.
-    pub started_us: Option<u64>,
-    /// vCPU 0 resumed the guest.
-    pub vcpu_running_us: Option<u64>,
-    /// The agent's hello arrived over a new vsock connection.
-    pub connected_us: u64,
-    /// The agent took the clone's identity.
-    pub identity_us: u64,
-    /// The agent answered a ping.
-    pub ping_us: u64,
-}
-
 /// A clone that answered.
+#[derive(Debug)]
 pub struct Started {
     /// Its id (and hostname).
     pub id: String,
-    /// The VMM process id.
-    pub pid: u32,
-    /// When each phase ended.
-    pub timeline: CloneTimeline,
+    /// Its VMM (timeline included).
+    pub vmm: VmmProcess,
     /// The connection the ping went over (open, ready for requests).
     pub agent: AgentClient,
-    child: Option<Child>,
 }
 
 impl Started {
-    /// Gives up the process handle: the clone keeps running on its own.
-    pub fn release(&mut self) {
-        self.child.take();
+    /// The VMM process id.
+    pub fn pid(&self) -> u32 {
+        self.vmm.pid()
     }
 
-    /// The VMM child process, when this process started it.
-    pub fn child_mut(&mut self) -> Option<&mut Child> {
-        self.child.as_mut()
+    /// When each phase ended.
+    pub fn timeline(&self) -> &Timeline {
+        &self.vmm.timeline
+    }
+
+    /// Gives up the process handle: the clone keeps running on its own.
+    pub fn release(&mut self) {
+        self.vmm.release();
     }
 }
 
@@ -131,15 +105,38 @@ fn random_suffix() -> String {
 }
 
 /// A clone's VMM, spawned but not yet answering.
-struct Spawned {
-    id: String,
-    dir: PathBuf,
-    child: Child,
-    spawn_us: u64,
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its id.
+    pub id: String,
+    /// Its VMM.
+    pub vmm: VmmProcess,
+}
+
+/// Who owns a clone and what it carries (daemon clones).
+#[derive(Debug, Clone, Default)]
+pub struct Ownership {
+    /// The tenant (`None`: the host's admin).
+    pub tenant: Option<String>,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// When it is to be killed (Unix seconds).
+    pub ttl_deadline_unix_s: Option<u64>,
 }
 
 fn spawn_one(store: &Store, master: &MasterRecord, detach: bool) -> Result<Spawned, CloneError> {
-    let vmm = paths::vmm_binary()?;
+    spawn(store, master, detach, &Ownership::default())
+}
+
+/// Spawns one clone of `master` (recorded in the store before this
+/// returns); [`handshake`] then makes it answer. Dropping the result kills
+/// the VMM and removes its files.
+pub fn spawn(
+    store: &Store,
+    master: &MasterRecord,
+    detach: bool,
+    owner: &Ownership,
+) -> Result<Spawned, CloneError> {
     let (id, dir) = loop {
         let id = format!("{}-{}", master.name, random_suffix());
         match store.new_clone_dir(&id) {
@@ -152,76 +149,40 @@ fn spawn_one(store: &Store, master: &MasterRecord, detach: bool) -> Result<Spawn
             Err(e) => return Err(e.into()),
         }
     };
-    let file = |name: &str| -> Result<File, CloneError> {
-        File::create(dir.join(name)).map_err(|source| {
-            CloneError::Store(StoreError::Io {
-                path: dir.join(name),
-                source,
-            })
-        })
+    let opts = SpawnOptions {
+        detach,
+        remove_dir_on_drop: true,
+        ..Default::default()
     };
-    let mut cmd = Command::new(&vmm);
-    cmd.arg("--restore")
-        .arg(&master.snapshot)
-        .arg("--vsock")
-        .arg(dir.join("vsock.sock"))
-        .arg("--console")
-        .arg(dir.join("console.log"))
-        .stdin(Stdio::null())
-        .stdout(file("events.jsonl")?)
-        .stderr(file("vmm.log")?);
-    if detach {
-        cmd.arg("--detach");
-        // SAFETY: setsid is async-signal-safe and touches no memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-    }
-    let spawn_us = now_us();
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(source) => {
+    let source = VmSource::Restore {
+        snapshot: master.snapshot.clone(),
+    };
+    let vmm = match VmmProcess::spawn(source, &dir, &opts) {
+        Ok(v) => v,
+        Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(CloneError::Spawn { path: vmm, source });
+            return Err(e.into());
         }
     };
     let rec = CloneRecord {
         version: RECORD_VERSION,
         id: id.clone(),
         master: master.name.clone(),
-        pid: child.id(),
-        pid_start: process_start(child.id()).unwrap_or(0),
+        pid: vmm.pid(),
+        pid_start: vmm.start_ticks(),
         created_unix_s: unix_now(),
+        tenant: owner.tenant.clone(),
+        labels: owner.labels.clone(),
+        ttl_deadline_unix_s: owner.ttl_deadline_unix_s,
     };
-    let mut s = Spawned {
-        id,
-        dir,
-        child,
-        spawn_us,
-    };
-    if let Err(e) = crate::store::write_record(&s.dir.join("clone.json"), &rec) {
-        discard(&mut s);
-        return Err(e.into());
-    }
-    Ok(s)
-}
-
-fn discard(s: &mut Spawned) {
-    let _ = s.child.kill();
-    let _ = s.child.wait();
-    let _ = std::fs::remove_dir_all(&s.dir);
+    // On error the handle's drop kills the VMM and removes the directory.
+    crate::store::write_record(&dir.join("clone.json"), &rec)?;
+    Ok(Spawned { id, vmm })
 }
 
 /// The events a clone's VMM wrote so far.
 pub fn read_events(dir: &Path) -> Vec<Event> {
-    std::fs::read_to_string(dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    vmm::read_events(dir)
 }
 
 fn exit_message(dir: &Path) -> String {
@@ -234,7 +195,7 @@ fn exit_message(dir: &Path) -> String {
             _ => None,
         })
         .unwrap_or_else(|| {
-            let log = std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.join(vmm::files::VMM_LOG)).unwrap_or_default();
             let last = log
                 .lines()
                 .last()
@@ -243,62 +204,40 @@ fn exit_message(dir: &Path) -> String {
         })
 }
 
-/// Waits for the spawned clone's agent, gives it its identity, pings it.
-fn handshake(mut s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
+/// Waits for the spawned clone's agent, gives it its identity, pings it,
+/// all within `timeout`.
+pub fn handshake(s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
+    let Spawned { id, mut vmm } = s;
     let deadline = Instant::now() + timeout;
-    let uds = s.dir.join("vsock.sock");
+    let uds = vmm.vsock_path();
     let mut last = String::from("no vsock socket yet");
     let (agent, [connected_us, identity_us, ping_us]) = loop {
-        if let Ok(Some(_)) = s.child.try_wait() {
-            let message = exit_message(&s.dir);
-            let _ = std::fs::remove_dir_all(&s.dir);
-            return Err(CloneError::Died { id: s.id, message });
+        if let Some(end) = vmm.poll() {
+            let message = format!("{} ({:?})", end.message, end.reason);
+            return Err(CloneError::Died { id, message });
         }
         if Instant::now() >= deadline {
-            discard(&mut s);
-            return Err(CloneError::Timeout {
-                id: s.id,
-                timeout,
-                last,
-            });
+            return Err(CloneError::Timeout { id, timeout, last });
         }
         if uds.exists() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let id = s.id.clone();
             match AgentClient::connect_identified(&uds, || fresh_identity(&id, &id), left) {
                 Ok(r) => break r,
                 // The agent refused the identity, or no entropy could be
                 // read: no point in retrying.
                 Err(source @ (AgentError::Remote { .. } | AgentError::Output(_))) => {
-                    discard(&mut s);
-                    return Err(CloneError::Agent { id: s.id, source });
+                    return Err(CloneError::Agent { id, source });
                 }
                 Err(e) => last = e.to_string(),
             }
         }
         std::thread::sleep(Duration::from_micros(500));
     };
-    let mut timeline = CloneTimeline {
-        spawn_us: s.spawn_us,
-        connected_us,
-        identity_us,
-        ping_us,
-        ..Default::default()
-    };
-    for e in read_events(&s.dir) {
-        match e {
-            Event::Started { t_us } => timeline.started_us = Some(t_us),
-            Event::VcpuRunning { t_us } => timeline.vcpu_running_us = Some(t_us),
-            _ => {}
-        }
-    }
-    Ok(Started {
-        pid: s.child.id(),
-        id: s.id,
-        timeline,
-        agent,
-        child: Some(s.child),
-    })
+    vmm.poll();
+    vmm.timeline.connected_us = Some(connected_us);
+    vmm.timeline.identity_us = Some(identity_us);
+    vmm.timeline.ping_us = Some(ping_us);
+    Ok(Started { id, vmm, agent })
 }
 
 /// Starts `count` clones of master `name`, `opts.parallel` at a time. Each
@@ -358,14 +297,8 @@ pub fn connect(store: &Store, id: &str) -> Result<AgentClient, CloneError> {
 /// Kills clone `id` (if it still runs) and removes its files.
 pub fn kill(store: &Store, id: &str) -> Result<(), CloneError> {
     let rec = store.clone_record(id)?;
-    if rec.alive() {
-        // SAFETY: kill(2) on a pid we checked is the clone's VMM.
-        unsafe { libc::kill(rec.pid as libc::pid_t, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while rec.alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
+    // Through a pidfd, and only if the pid is still the clone's VMM.
+    vmm::kill_process(rec.pid, rec.pid_start);
     let dir = store.clone_dir(id);
     std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
     Ok(())
@@ -393,15 +326,6 @@ pub struct CloneStatus {
     pub pss_kib: Option<u64>,
 }
 
-/// A field of /proc/PID/smaps_rollup, in KiB.
-pub fn smaps_rollup(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 /// Every clone in the store.
 pub fn ps(store: &Store) -> Vec<Result<CloneStatus, StoreError>> {
     let now = unix_now();
@@ -418,9 +342,11 @@ pub fn ps(store: &Store) -> Vec<Result<CloneStatus, StoreError>> {
                         format!("exited: {}", exit_message(&store.clone_dir(&rec.id)))
                     },
                     private_kib: alive
-                        .then(|| smaps_rollup(rec.pid, "Private_Dirty"))
+                        .then(|| procfs::smaps_rollup(rec.pid, "Private_Dirty"))
                         .flatten(),
-                    pss_kib: alive.then(|| smaps_rollup(rec.pid, "Pss")).flatten(),
+                    pss_kib: alive
+                        .then(|| procfs::smaps_rollup(rec.pid, "Pss"))
+                        .flatten(),
                     age_s: now.saturating_sub(rec.created_unix_s),
                     id: rec.id,
                     master: rec.master,
@@ -455,35 +381,27 @@ pub fn spawn_burst(
     let master = store.master(name)?;
     let mut spawned = Vec::with_capacity(count);
     for _ in 0..count {
-        match spawn_one(store, &master, false) {
-            Ok(s) => spawned.push(s),
-            Err(e) => {
-                for s in &mut spawned {
-                    discard(s);
-                }
-                return Err(e);
-            }
-        }
+        // On error the clones spawned so far are killed as their handles drop.
+        spawned.push(spawn_one(store, &master, false)?);
     }
     let deadline = Instant::now() + timeout;
-    let mut out: Vec<BurstClone> = spawned
-        .iter()
-        .map(|s| BurstClone {
-            id: s.id.clone(),
-            spawn_us: s.spawn_us,
-            running_us: None,
-        })
-        .collect();
-    while Instant::now() < deadline && out.iter().any(|c| c.running_us.is_none()) {
-        for (c, s) in out.iter_mut().zip(&spawned) {
-            if c.running_us.is_none() {
-                c.running_us = read_events(&s.dir).into_iter().find_map(|e| match e {
-                    Event::VcpuRunning { t_us } => Some(t_us),
-                    _ => None,
-                });
-            }
-        }
+    while Instant::now() < deadline
+        && spawned
+            .iter_mut()
+            .any(|s| s.vmm.poll().is_none() && s.vmm.timeline.vcpu_running_us.is_none())
+    {
         std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(out)
+    Ok(spawned
+        .into_iter()
+        .map(|mut s| {
+            // The caller kills them by id.
+            s.vmm.release();
+            BurstClone {
+                id: s.id,
+                spawn_us: s.vmm.timeline.spawn_us,
+                running_us: s.vmm.timeline.vcpu_running_us,
+            }
+        })
+        .collect())
 }

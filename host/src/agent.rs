@@ -6,20 +6,21 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use proto::{
     AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, HostFrame, Identity, ProtoError,
     Request, Response,
 };
 
-use crate::vm::{connect_vsock, connect_vsock_within, VmError};
+use proto::events::now_us;
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The vsock connection could not be made.
-    #[error(transparent)]
-    Vm(#[from] VmError),
+    #[error("cannot reach the guest agent over vsock: {0}")]
+    Connect(String),
     /// The byte stream broke the protocol or the connection dropped.
     #[error("agent connection: {0}")]
     Proto(#[from] ProtoError),
@@ -88,12 +89,12 @@ impl AgentClient {
         stream
             .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
             .map_err(ProtoError::Io)?;
-        let made = vmm::events::now_us();
+        let made = now_us();
         HostFrame::Request(Request::Identity(identity().map_err(AgentError::Output)?))
             .write_to(&mut stream)?;
         HostFrame::Request(Request::Ping).write_to(&mut stream)?;
         let mut client = Self::over(stream)?;
-        let hello = vmm::events::now_us();
+        let hello = now_us();
         match client.next()? {
             AgentFrame::Response(Response::IdentitySet) => {}
             AgentFrame::Response(Response::Error { code, message }) => {
@@ -101,16 +102,16 @@ impl AgentClient {
             }
             other => return Err(AgentError::Unexpected(format!("{other:?}"))),
         }
-        let mut identified = vmm::events::now_us();
+        let mut identified = now_us();
         match client.next()? {
             AgentFrame::Response(Response::Pong { .. }) => {}
             other => return Err(AgentError::Unexpected(format!("{other:?}"))),
         }
         if identified.saturating_sub(made) > CLOCK_SLACK.as_micros() as u64 {
             client.set_identity(identity().map_err(AgentError::Output)?)?;
-            identified = vmm::events::now_us();
+            identified = now_us();
         }
-        let pong = vmm::events::now_us();
+        let pong = now_us();
         client
             .stream
             .set_read_timeout(None)
@@ -266,6 +267,57 @@ impl std::fmt::Debug for AgentClient {
             .field("agent_version", &self.agent_version)
             .finish()
     }
+}
+
+/// Connects to a VMM's vsock Unix socket and asks for guest `port`
+/// (Firecracker's `CONNECT` handshake), waiting up to 10 s for the guest.
+pub fn connect_vsock(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
+    connect_vsock_within(uds, port, Duration::from_secs(10))
+}
+
+/// [`connect_vsock`], waiting at most `timeout` for the guest's answer.
+pub fn connect_vsock_within(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, AgentError> {
+    let err = |e: std::io::Error| AgentError::Connect(e.to_string());
+    let mut s = UnixStream::connect(uds)
+        .map_err(|e| AgentError::Connect(format!("{}: {e}", uds.display())))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(err)?;
+    s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(err)?;
+    // Read the reply byte by byte: nothing after the newline is ours to take.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Err(AgentError::Connect(format!("guest refused port {port}"))),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 64 => line.push(b[0]),
+            Ok(_) => return Err(AgentError::Connect("bad reply to CONNECT".into())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(AgentError::Connect(format!(
+                    "the guest did not answer the connection to port {port} within {timeout:?}"
+                )))
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+    s.set_read_timeout(None).map_err(err)?;
+    if !line.starts_with(b"OK ") {
+        return Err(AgentError::Connect(format!(
+            "unexpected reply to CONNECT {port}: {}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    Ok(s)
 }
 
 /// A new identity for VM `vm_id`: 64 bytes from the host's `getrandom`, the

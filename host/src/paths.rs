@@ -103,3 +103,19 @@ pub fn vmm_binary() -> Result<PathBuf, PathError> {
     }
     Err(PathError::NoVmm(exe))
 }
+
+/// The state directory for masters, clones and per-VM runtime files:
+/// `$ZYGOTE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/zygote`, else
+/// `/run/zygote` for root, else `zygote` in the temp dir.
+pub fn runtime_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("ZYGOTE_RUNTIME_DIR") {
+        return p.into();
+    }
+    if let Some(p) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&p).join("zygote");
+    }
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/run/zygote");
+    }
+    std::env::temp_dir().join("zygote")
+}

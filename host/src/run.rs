@@ -5,8 +5,7 @@ use std::time::Duration;
 use proto::{ErrorCode, ExecRequest};
 
 use crate::agent::{AgentClient, AgentError};
-use crate::paths::GuestImage;
-use crate::vm::{VmError, VmProcess, VmSpec};
+use crate::vmm::{Timeline, VmError, VmSpec, VmmProcess};
 
 /// What to run and on what.
 #[derive(Debug, Clone)]
@@ -53,7 +52,7 @@ impl RunError {
 /// Boots a VM, runs the command with the caller's stdio, shuts the VM down.
 /// Returns the command's shell exit code.
 pub fn run(opts: &RunOptions) -> Result<i32, RunError> {
-    let mut vm = VmProcess::spawn(&opts.spec)?;
+    let mut vm = VmmProcess::boot(&opts.spec)?;
     vm.wait_ready(opts.boot_timeout)?;
     let mut agent = AgentClient::connect(&vm.vsock_path())?;
     let result = exec_stdio(&mut agent, &opts.argv);
@@ -63,7 +62,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, RunError> {
             return Err(vm.end_error().into());
         }
     }
-    let done_us = vmm::events::now_us();
+    let done_us = proto::events::now_us();
     shutdown(&mut vm, &mut agent);
     if opts.timings {
         eprintln!("{}", timings_line(&vm.timeline, done_us));
@@ -93,7 +92,7 @@ pub fn exec_stdio(agent: &mut AgentClient, argv: &[String]) -> Result<i32, RunEr
 }
 
 /// One line with the duration of each phase of a VM's life, in ms.
-pub fn timings_line(t: &crate::vm::Timeline, done_us: u64) -> String {
+pub fn timings_line(t: &Timeline, done_us: u64) -> String {
     let mut parts = Vec::new();
     let mut prev = t.spawn_us;
     for (name, at) in [
@@ -118,28 +117,10 @@ pub fn timings_line(t: &crate::vm::Timeline, done_us: u64) -> String {
     )
 }
 
-fn shutdown(vm: &mut VmProcess, agent: &mut AgentClient) {
+fn shutdown(vm: &mut VmmProcess, agent: &mut AgentClient) {
     if agent.shutdown().is_err() {
         vm.kill();
         return;
     }
     let _ = vm.wait_exit(Duration::from_secs(30));
-}
-
-/// Resolves the default VM spec pieces shared by the CLI's commands.
-pub fn spec(
-    kernel: Option<&std::path::Path>,
-    rootfs: Option<&std::path::Path>,
-    memory_mib: u64,
-    vcpus: u8,
-    console: bool,
-) -> Result<VmSpec, VmError> {
-    Ok(VmSpec {
-        image: GuestImage::resolve(kernel, rootfs)?,
-        memory_mib,
-        vcpus,
-        console,
-        runtime_root: None,
-        snapshot_dir: None,
-    })
 }

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use proto::ExecRequest;
 use serde::Serialize;
 
-use crate::agent::{AgentClient, AgentError};
-use crate::stats::{rss_kib, Summary};
-use crate::vm::{VmError, VmProcess, VmSpec};
+use crate::stats::Summary;
+use host::agent::{AgentClient, AgentError};
+use host::procfs;
+use host::vmm::{VmError, VmSpec, VmmProcess};
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +63,9 @@ fn ms(from: u64, to: u64) -> f64 {
 
 /// Boots one zygote VM and measures it.
 pub fn boot_once(spec: &VmSpec, timeout: Duration) -> Result<BootSample, BenchError> {
-    let mut vm = VmProcess::spawn(spec)?;
+    let mut vm = VmmProcess::boot(spec)?;
     vm.wait_ready(timeout)?;
-    let t = vm.timeline.clone();
+    let t = vm.timeline;
     let vcpu = t
         .vcpu_running_us
         .ok_or(BenchError::Missing("first instruction"))?;
@@ -72,17 +73,13 @@ pub fn boot_once(spec: &VmSpec, timeout: Duration) -> Result<BootSample, BenchEr
     let ready = t.agent_ready_us.ok_or(BenchError::Missing("agent ready"))?;
     let mut agent = AgentClient::connect(&vm.vsock_path())?;
     let (status, _, _) = agent.exec_collect(ExecRequest::new(["true"]))?;
-    let exec_done = vmm::events::now_us();
+    let exec_done = proto::events::now_us();
     if !status.success() {
         return Err(BenchError::Peer(format!(
             "`true` failed in the guest: {status:?}"
         )));
     }
-    let overhead = vm
-        .pid()
-        .and_then(rss_kib)
-        .map(|(_, anon, file, _)| anon + file)
-        .unwrap_or(0);
+    let overhead = procfs::rss(vm.pid()).map(|r| r.anon + r.file).unwrap_or(0);
     let _ = agent.shutdown();
     let _ = vm.wait_exit(Duration::from_secs(30));
     Ok(BootSample {
@@ -158,7 +155,7 @@ pub fn qemu_boot_once(spec: &VmSpec, timeout: Duration) -> Result<PeerSample, Be
     });
     let result = match rx.recv_timeout(timeout) {
         Ok(at) => {
-            let rss = rss_kib(child.id()).map(|r| r.0).unwrap_or(0);
+            let rss = procfs::rss(child.id()).map(|r| r.total).unwrap_or(0);
             Ok(PeerSample {
                 ready: at.duration_since(start).as_secs_f64() * 1000.0,
                 rss_kib: rss,

@@ -18,8 +18,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::builder::{prepare_restore, run_restored, ConsoleOut, RestoreConfig};
-use crate::events::{now_us, Event, EventSink};
+use proto::events::{now_us, Event, EventSink};
+use proto::launch::{VmSource, VmmLaunch};
+use vmm::builder::{prepare_restore, run_restored};
 
 /// Samples of both ways, in µs.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -42,20 +43,22 @@ fn running_at(r: impl std::io::Read) -> Option<u64> {
 }
 
 /// Runs `count` clones of the snapshot at `snapshot` each way, alternating;
-/// vsock sockets are made in `dir`.
+/// vsock sockets are made in `dir`. Must run in a single-threaded process
+/// (`zygote-bench fork-bench`).
 pub fn run(snapshot: &Path, count: usize, dir: &Path) -> Result<ForkBench, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let vmm_bin = host::paths::vmm_binary().map_err(|e| e.to_string())?;
     let prepared = prepare_restore(snapshot).map_err(|e| e.to_string())?;
     let mut out = ForkBench::default();
     for i in 0..count {
         // (a) A fresh VMM process.
         let uds = dir.join(format!("spawn-{i}.sock"));
         let t0 = now_us();
-        let mut child = Command::new(&exe)
-            .arg("--restore")
-            .arg(snapshot)
-            .arg("--vsock")
-            .arg(&uds)
+        let mut launch = VmmLaunch::new(VmSource::Restore {
+            snapshot: snapshot.to_path_buf(),
+        });
+        launch.vsock = Some(uds.clone());
+        let mut child = Command::new(&vmm_bin)
+            .args(launch.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -89,12 +92,11 @@ pub fn run(snapshot: &Path, count: usize, dir: &Path) -> Result<ForkBench, Strin
         if pid == 0 {
             drop(rd);
             let events = Arc::new(EventSink::new(Box::new(std::fs::File::from(wr))));
-            let cfg = RestoreConfig {
+            let mut launch = VmmLaunch::new(VmSource::Restore {
                 snapshot: snapshot.to_path_buf(),
-                vsock_uds: Some(uds),
-                console: ConsoleOut::None,
-            };
-            let _ = run_restored(&prepared, &cfg, events);
+            });
+            launch.vsock = Some(uds);
+            let _ = run_restored(&prepared, &launch, events);
             // SAFETY: leave without running the parent's destructors.
             unsafe { libc::_exit(0) };
         }

@@ -1,18 +1,14 @@
 //! The CLI's master, clone and snapshot commands: argument handling and
-//! output; the work is in the `api` library.
+//! output; the work is in the `host` library.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use api::clone::{CloneOptions, Started};
-use api::store::Store;
+use host::clone::{CloneOptions, Started};
+use host::store::Store;
 
 use crate::{MasterCmd, SnapshotCmd};
-
-fn ms(from: u64, to: u64) -> f64 {
-    to.saturating_sub(from) as f64 / 1000.0
-}
 
 pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
     let store = Store::open_default();
@@ -24,16 +20,20 @@ pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
             warmup_timeout,
             console,
         } => {
-            let opts = api::master::CreateOptions {
+            let opts = host::master::CreateOptions {
                 name,
                 spec: vm.spec(console)?,
                 warmup,
                 boot_timeout: Duration::from_secs(vm.boot_timeout),
                 warmup_timeout: Duration::from_secs(warmup_timeout),
+                tenant: None,
+                display_name: None,
+                labels: Default::default(),
             };
             let mut out = std::io::stderr();
-            let rec =
-                api::master::create(&store, &opts, &mut out, &mut |m| eprintln!("zygote: {m}"))?;
+            let rec = host::master::create(&store, &opts, &mut out, &mut |_, m| {
+                eprintln!("zygote: {m}")
+            })?;
             println!("{}", rec.name);
             Ok(0)
         }
@@ -81,7 +81,7 @@ pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         MasterCmd::Rm { name, force } => {
-            api::master::remove(&store, &name, force)?;
+            host::master::remove(&store, &name, force)?;
             Ok(0)
         }
     }
@@ -117,7 +117,7 @@ pub fn clone(
         timeout: Duration::from_secs(timeout),
         parallel,
     };
-    let results = api::clone::start(&store, name, count, &opts)?;
+    let results = host::clone::start(&store, name, count, &opts)?;
     let mut started: Vec<Started> = Vec::new();
     let mut failed = 0;
     for r in results {
@@ -125,14 +125,15 @@ pub fn clone(
             Ok(s) => {
                 println!("{}", s.id);
                 if timings {
-                    let t = &s.timeline;
+                    let t = s.timeline();
+                    let ms = |at| t.ms_since_spawn(at).unwrap_or(f64::NAN);
                     eprintln!(
                         "zygote: {}: vCPUs running +{:.1} ms, agent connected +{:.1} ms, identity set +{:.1} ms, ping answered +{:.1} ms",
                         s.id,
-                        t.vcpu_running_us.map_or(f64::NAN, |v| ms(t.spawn_us, v)),
-                        ms(t.spawn_us, t.connected_us),
-                        ms(t.spawn_us, t.identity_us),
-                        ms(t.spawn_us, t.ping_us),
+                        ms(t.vcpu_running_us),
+                        ms(t.connected_us),
+                        ms(t.identity_us),
+                        ms(t.ping_us),
                     );
                 }
                 started.push(s);
@@ -157,25 +158,25 @@ pub fn clone(
         started.len()
     );
     while !INTERRUPTED.load(Ordering::SeqCst) && !started.is_empty() {
-        started.retain_mut(|s| match s.child_mut().map(|c| c.try_wait()) {
-            Some(Ok(None)) => true,
-            _ => {
+        started.retain_mut(|s| match s.vmm.has_exited() {
+            false => true,
+            true => {
                 eprintln!("zygote: clone {} ended", s.id);
-                let _ = api::clone::kill(&store, &s.id);
+                let _ = host::clone::kill(&store, &s.id);
                 false
             }
         });
         std::thread::sleep(Duration::from_millis(100));
     }
     for s in &started {
-        let _ = api::clone::kill(&store, &s.id);
+        let _ = host::clone::kill(&store, &s.id);
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
 pub fn ps(json: bool) -> anyhow::Result<i32> {
     let store = Store::open_default();
-    let rows: Vec<_> = api::clone::ps(&store)
+    let rows: Vec<_> = host::clone::ps(&store)
         .into_iter()
         .filter_map(|r| {
             r.map_err(|e| eprintln!("zygote: skipping a clone: {e}"))
@@ -213,7 +214,7 @@ pub fn kill(ids: Vec<String>, all: bool) -> anyhow::Result<i32> {
     };
     let mut failed = 0;
     for id in ids {
-        if let Err(e) = api::clone::kill(&store, &id) {
+        if let Err(e) = host::clone::kill(&store, &id) {
             eprintln!("zygote: {e}");
             failed += 1;
         }
@@ -226,7 +227,7 @@ pub fn snapshot(what: SnapshotCmd) -> anyhow::Result<i32> {
     match what {
         SnapshotCmd::Save { name, dir } => {
             let t = std::time::Instant::now();
-            let stats = api::master::save(&store, &name, &dir)
+            let stats = host::master::save(&store, &name, &dir)
                 .with_context(|| format!("saving master {name}"))?;
             eprintln!(
                 "zygote: saved {name} to {} in {:.0} ms: {} MiB of RAM, {} KiB written, {} zero pages skipped",
@@ -239,7 +240,7 @@ pub fn snapshot(what: SnapshotCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         SnapshotCmd::Load { dir, name } => {
-            let rec = api::master::load(&store, &dir, name.as_deref())
+            let rec = host::master::load(&store, &dir, name.as_deref())
                 .with_context(|| format!("loading {}", dir.display()))?;
             println!("{}", rec.name);
             Ok(0)

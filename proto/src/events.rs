@@ -1,5 +1,5 @@
 //! What a VMM process tells the process that started it: one JSON object
-//! per line on stdout. Times are `CLOCK_MONOTONIC` in microseconds, the same
+//! per line on its stdout (a pipe or a file, the spawner's choice). Times are `CLOCK_MONOTONIC` in microseconds, the same
 //! clock in every process, so the caller can line them up with its own.
 
 use std::io::Write;

@@ -1,0 +1,15 @@
+//! Everything that measures zygote: cold boots (`bench boot`), clones
+//! against cold boots and QEMU (`bench clone`), fresh process vs fork
+//! ([`fork_bench`]), the QEMU peer ([`peer`]), statistics and plots.
+//!
+//! It must not: be linked into the product binaries (`zygote`,
+//! `zygote-vmm`), or measure anything the product does not do the same way
+//! (it drives the `host` library and the real VMM binary).
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod bench_clone;
+pub mod fork_bench;
+pub mod peer;
+pub mod plot;
+pub mod stats;

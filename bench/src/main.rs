@@ -1,0 +1,214 @@
+//! `zygote-bench`: zygote's benchmarks, run as `zygote bench ...` (the
+//! `zygote` binary hands its arguments over). Kept out of the product
+//! binaries so that they carry no measuring code and no plotting library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use host::vmm::VmSpec;
+
+/// zygote's benchmarks.
+#[derive(Parser, Debug)]
+#[command(name = "zygote bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCmd,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct VmArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest kernel (default: the one scripts/setup built).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest root filesystem, an initramfs (default: the one scripts/setup built).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// How long to wait for the guest agent, in seconds.
+    #[arg(long, default_value_t = 180)]
+    boot_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Cold-boot N VMs in turn and time each phase.
+    Boot {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Number of boots.
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+        /// Also boot the same image under a peer VMM (`qemu`).
+        #[arg(long, value_parser = ["qemu"])]
+        peer: Option<String>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clone a warm master N times and compare with its cold boot (and with
+    /// QEMU restoring a saved VM).
+    Clone(BenchCloneArgs),
+    /// Fresh process vs fork() of a prepared VMM, on one snapshot (run by
+    /// `clone`; prints one JSON object, µs).
+    #[command(hide = true)]
+    ForkBench {
+        /// The snapshot directory.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Where the clones' vsock sockets go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Clones each way.
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchCloneArgs {
+    /// Guest RAM of the master, in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest kernel (default: the one scripts/setup built).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest root filesystem, an initramfs (default: the one scripts/setup built).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// How long a cold boot may take to reach the guest agent, in seconds.
+    #[arg(long, default_value_t = 180)]
+    boot_timeout: u64,
+    /// Clones started one after another, and again in parallel.
+    #[arg(long, default_value_t = 20)]
+    count: usize,
+    /// Clones brought up at once (parallel rate, density).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Warm-up shell command run in the master before the freeze ('' for none).
+    #[arg(long, default_value = bench::bench_clone::DEFAULT_WARMUP)]
+    warmup: String,
+    /// Also time QEMU restoring a saved VM (`qemu`).
+    #[arg(long, value_parser = ["qemu"])]
+    peer: Option<String>,
+    /// Also start clones until --density-limit are alive (or memory runs low).
+    #[arg(long)]
+    density: bool,
+    /// How many clones --density stops at.
+    #[arg(long, default_value_t = 400)]
+    density_limit: usize,
+    /// --density goes on past this many clones that fail to start (0: it
+    /// stops at the first).
+    #[arg(long, default_value_t = 0)]
+    density_max_failures: usize,
+    /// RAM of a second master (no warm-up) whose clones are timed too, MiB; 0 skips it.
+    #[arg(long, default_value_t = 2048)]
+    big_memory: u64,
+    /// Write the latency CDF plot here (SVG; '' for none).
+    #[arg(long, default_value = "bench-clone.svg")]
+    plot: String,
+    /// Do not write the plot.
+    #[arg(long)]
+    no_plot: bool,
+    /// Measure the idle clone for 10 s instead of 30 s.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
+    let spec = VmSpec::new(a.kernel.as_deref(), a.rootfs.as_deref(), a.memory, a.vcpus)?;
+    let opts = bench::bench_clone::CloneBenchOptions {
+        spec,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+        count: a.count,
+        parallel: a.parallel,
+        warmup: a.warmup,
+        peer_qemu: a.peer.is_some(),
+        density: a.density,
+        density_limit: a.density_limit,
+        density_max_failures: a.density_max_failures,
+        big_memory_mib: a.big_memory,
+        idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
+    };
+    bench::bench_clone::install_interrupt_handler();
+    let report =
+        bench::bench_clone::bench_clone(&opts, &mut |msg| eprintln!("zygote bench: {msg}"))
+            .context("clone benchmark")?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !a.no_plot && !a.plot.is_empty() {
+        let path = PathBuf::from(&a.plot);
+        report.write_plot(&path).context("clone benchmark plot")?;
+        eprintln!("zygote bench: plot written to {}", path.display());
+    }
+    Ok(if report.errors.is_empty() { 0 } else { 1 })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("zygote bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        BenchCmd::Boot {
+            vm,
+            count,
+            peer,
+            json,
+        } => {
+            let spec = VmSpec::new(
+                vm.kernel.as_deref(),
+                vm.rootfs.as_deref(),
+                vm.memory,
+                vm.vcpus,
+            )?;
+            let report = bench::bench::bench_boot(
+                &spec,
+                count.max(1),
+                peer.is_some(),
+                Duration::from_secs(vm.boot_timeout),
+                &mut |msg| eprintln!("zygote bench: {msg}"),
+            )
+            .context("boot benchmark")?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(0)
+        }
+        BenchCmd::Clone(args) => bench_clone(args),
+        BenchCmd::ForkBench {
+            snapshot,
+            dir,
+            count,
+        } => {
+            let r = bench::fork_bench::run(&snapshot, count, &dir).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(0)
+        }
+    }
+}

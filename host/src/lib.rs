@@ -1,0 +1,22 @@
+//! The zygote host runtime as a library: everything one host does with its
+//! VMs, used the same way by the CLI (locally) and by the daemon.
+//!
+//! It owns the VMM process handle ([`vmm::VmmProcess`]: one type for booted
+//! VMs, masters and clones, one timeline), the agent client ([`agent`]), the
+//! state directory ([`store`]), masters ([`master`]), clones ([`clone`]),
+//! one-shot runs ([`run`]), and `/proc` readings ([`procfs`]).
+//!
+//! It must not: touch KVM (that is the VMM process's job, one VM per
+//! process; this crate does not link the `vmm` crate), speak HTTP or parse
+//! command lines (that is `api` and `cli`), or keep state that outlives a
+//! call anywhere but the state directory.
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod clone;
+pub mod master;
+pub mod paths;
+pub mod procfs;
+pub mod run;
+pub mod store;
+pub mod vmm;

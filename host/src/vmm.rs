@@ -1,0 +1,823 @@
+//! A `zygote-vmm` process as the host sees it: one type, [`VmmProcess`],
+//! for a booted VM, a master being warmed up, and a clone, with one
+//! [`Timeline`] of its life.
+//!
+//! Each VMM gets a directory of its own (its *runtime directory*):
+//!
+//! ```text
+//! vsock.sock     host side of the guest's virtio-vsock
+//! control.sock   the VMM's control socket (VMs that may be frozen)
+//! console.log    the serial console (unless it goes to the caller's stderr)
+//! events.jsonl   what the VMM reports (proto::events), one JSON line each
+//! vmm.log        the VMM's own stderr
+//! ```
+//!
+//! Events go to a file, not a pipe, so that a VMM that outlives the process
+//! that started it (a detached clone, a daemon restart) can still be read
+//! and adopted. The process is watched and signalled through a pidfd, never
+//! a bare pid that may have been reused.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use proto::ctl::{CtlRequest, CtlResponse};
+use proto::events::{now_us, Event, ExitReason};
+use proto::launch::{BootSource, ConsoleTarget, SnapshotCheck, VmSource, VmmLaunch};
+
+use crate::paths;
+use crate::procfs;
+
+/// File names inside a VMM's runtime directory.
+pub mod files {
+    /// Host side of virtio-vsock.
+    pub const VSOCK: &str = "vsock.sock";
+    /// Control socket.
+    pub const CONTROL: &str = "control.sock";
+    /// Serial console.
+    pub const CONSOLE: &str = "console.log";
+    /// Events.
+    pub const EVENTS: &str = "events.jsonl";
+    /// The VMM's stderr.
+    pub const VMM_LOG: &str = "vmm.log";
+}
+
+/// Errors starting, watching or stopping a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A file zygote needs is missing.
+    #[error(transparent)]
+    Paths(#[from] paths::PathError),
+    /// A file in the runtime directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    RuntimeDir {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process could not be started.
+    #[error("cannot start {path}: {source}")]
+    Spawn {
+        /// VMM binary.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM ended before it was ready (or while in use).
+    #[error("{}", exit_sentence(.reason, .message))]
+    Exited {
+        /// Why.
+        reason: ExitReason,
+        /// Detail from the VMM (with the console's last lines).
+        message: String,
+    },
+    /// The agent did not announce itself in time.
+    #[error("the guest agent was not ready within {0:?} (see the console with --console)")]
+    ReadyTimeout(Duration),
+    /// The VMM refused or failed the freeze.
+    #[error("cannot freeze the VM: {0}")]
+    Freeze(String),
+    /// The control socket could not be used.
+    #[error("cannot reach the VMM's control socket: {0}")]
+    Control(#[source] std::io::Error),
+    /// The process is not the VMM it was recorded as (gone, or its pid reused).
+    #[error("process {pid} is gone or is no longer this VM's VMM")]
+    Gone {
+        /// The recorded pid.
+        pid: u32,
+    },
+}
+
+fn exit_sentence(reason: &ExitReason, message: &str) -> String {
+    match reason {
+        ExitReason::Panic => format!("guest kernel panicked: {message}"),
+        ExitReason::Shutdown => "the guest shut down".to_string(),
+        ExitReason::Frozen => "the VM was frozen".to_string(),
+        ExitReason::Error => message.to_string(),
+        _ => format!("the VM failed: {message}"),
+    }
+}
+
+/// Host timestamps (`CLOCK_MONOTONIC` µs) of one VM's life, from the VMM's
+/// events and from the host's own steps. A field is `None` until it happened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Timeline {
+    /// Just before the VMM process was spawned.
+    pub spawn_us: u64,
+    /// The VMM's `main` ran.
+    pub started_us: Option<u64>,
+    /// vCPU 0 entered (or, for a clone, resumed) the guest.
+    pub vcpu_running_us: Option<u64>,
+    /// The agent ran as /init (booted VMs).
+    pub agent_start_us: Option<u64>,
+    /// The agent listened on vsock (booted VMs).
+    pub agent_ready_us: Option<u64>,
+    /// The agent's hello arrived over a vsock connection (clones).
+    pub connected_us: Option<u64>,
+    /// The agent took the VM's identity (clones).
+    pub identity_us: Option<u64>,
+    /// The agent answered a ping (clones).
+    pub ping_us: Option<u64>,
+}
+
+impl Timeline {
+    /// Milliseconds from the spawn to `at`.
+    pub fn ms_since_spawn(&self, at: Option<u64>) -> Option<f64> {
+        at.map(|t| t.saturating_sub(self.spawn_us) as f64 / 1000.0)
+    }
+
+    fn record(&mut self, ev: &Event) {
+        match *ev {
+            Event::Started { t_us } => self.started_us = Some(t_us),
+            Event::VcpuRunning { t_us } => self.vcpu_running_us = Some(t_us),
+            Event::AgentStart { t_us } => self.agent_start_us = Some(t_us),
+            Event::AgentReady { t_us } => self.agent_ready_us = Some(t_us),
+            Event::Exit { .. } => {}
+        }
+    }
+}
+
+/// How to spawn a VMM.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnOptions {
+    /// Show the serial console on this process's stderr (else it goes to
+    /// `console.log` in the runtime directory).
+    pub console_to_stderr: bool,
+    /// The VMM outlives this process (own session, no parent-death signal).
+    pub detach: bool,
+    /// Give the VMM a control socket (needed to freeze it).
+    pub control: bool,
+    /// Kill the VMM and remove the runtime directory when the handle is
+    /// dropped without [`VmmProcess::release`] (VMs that belong to one
+    /// command: `run`, a master being made).
+    pub remove_dir_on_drop: bool,
+}
+
+/// A VM to boot: image and shape.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Guest image.
+    pub image: paths::GuestImage,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Show the serial console on our stderr (else it goes to a log file).
+    pub console: bool,
+    /// Where the VM's runtime directory goes (default: [`paths::runtime_root`]).
+    pub runtime_root: Option<PathBuf>,
+    /// Boot a VM that can be frozen into this (new, empty) snapshot
+    /// directory, through [`VmmProcess::freeze`].
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+impl VmSpec {
+    /// The default image (what `scripts/setup` installed, or the
+    /// environment's overrides) with this shape.
+    pub fn new(
+        kernel: Option<&Path>,
+        rootfs: Option<&Path>,
+        memory_mib: u64,
+        vcpus: u8,
+    ) -> Result<Self, VmError> {
+        Ok(VmSpec {
+            image: paths::GuestImage::resolve(kernel, rootfs)?,
+            memory_mib,
+            vcpus,
+            console: false,
+            runtime_root: None,
+            snapshot_dir: None,
+        })
+    }
+
+    /// What the VMM boots.
+    pub fn boot_source(&self) -> BootSource {
+        BootSource {
+            kernel: self.image.kernel.clone(),
+            initrd: Some(self.image.initramfs.clone()),
+            cmdline: self.image.cmdline.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            guest_cid: proto::launch::DEFAULT_GUEST_CID,
+            snapshot_dir: self.snapshot_dir.clone(),
+        }
+    }
+}
+
+static NEXT_VM: AtomicU64 = AtomicU64::new(0);
+
+/// Reads new lines of an `events.jsonl` file as they are written.
+#[derive(Debug)]
+struct EventTail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl EventTail {
+    fn read_new(&mut self) -> Vec<Event> {
+        use std::io::{Seek, SeekFrom};
+        let Ok(mut f) = File::open(&self.path) else {
+            return Vec::new();
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        // An event line is small; a VMM writes a handful in its life.
+        if f.take(1 << 20).read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let mut out = Vec::new();
+        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            if let Ok(ev) = serde_json::from_slice::<Event>(&line) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+}
+
+/// The events a VMM wrote to `dir/events.jsonl` so far.
+pub fn read_events(dir: &Path) -> Vec<Event> {
+    EventTail {
+        path: dir.join(files::EVENTS),
+        offset: 0,
+        partial: Vec::new(),
+    }
+    .read_new()
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// Why (from the VMM's last event, or [`ExitReason::Error`] when it
+    /// died without saying: killed, crashed).
+    pub reason: ExitReason,
+    /// Detail.
+    pub message: String,
+}
+
+/// A running (or ended) `zygote-vmm` process.
+#[derive(Debug)]
+pub struct VmmProcess {
+    child: Option<Child>,
+    pidfd: Option<OwnedFd>,
+    pid: u32,
+    start_ticks: u64,
+    dir: PathBuf,
+    console_log: Option<PathBuf>,
+    remove_dir_on_drop: bool,
+    released: bool,
+    events: EventTail,
+    /// What happened so far.
+    pub timeline: Timeline,
+    exit: Option<VmExit>,
+}
+
+fn create(dir: &Path, name: &str) -> Result<File, VmError> {
+    let path = dir.join(name);
+    File::create(&path).map_err(|source| VmError::RuntimeDir { path, source })
+}
+
+impl VmmProcess {
+    /// Boots `spec` in a VMM of this process's (it dies with this process)
+    /// with a fresh runtime directory under the spec's runtime root; the
+    /// VMM is killed and the directory removed when the handle is dropped.
+    pub fn boot(spec: &VmSpec) -> Result<Self, VmError> {
+        let root = spec
+            .runtime_root
+            .clone()
+            .unwrap_or_else(paths::runtime_root);
+        let dir = root.join(format!(
+            "vm-{}-{}",
+            std::process::id(),
+            NEXT_VM.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| VmError::RuntimeDir {
+                path: dir.clone(),
+                source,
+            })?;
+        let opts = SpawnOptions {
+            console_to_stderr: spec.console,
+            detach: false,
+            control: spec.snapshot_dir.is_some(),
+            remove_dir_on_drop: true,
+        };
+        VmmProcess::spawn(VmSource::Boot(spec.boot_source()), &dir, &opts).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+    }
+
+    /// Starts `zygote-vmm` for `source`, with its files in `dir` (which must
+    /// exist and is the VMM's alone).
+    pub fn spawn(source: VmSource, dir: &Path, opts: &SpawnOptions) -> Result<Self, VmError> {
+        let vmm = paths::vmm_binary()?;
+        let console_log = (!opts.console_to_stderr).then(|| dir.join(files::CONSOLE));
+        let launch = VmmLaunch {
+            source,
+            vsock: Some(dir.join(files::VSOCK)),
+            control: opts.control.then(|| dir.join(files::CONTROL)),
+            console: match &console_log {
+                Some(p) => ConsoleTarget::File(p.clone()),
+                None => ConsoleTarget::Stderr,
+            },
+            detach: opts.detach,
+        };
+        let mut cmd = Command::new(&vmm);
+        cmd.args(launch.to_args())
+            .stdin(Stdio::null())
+            .stdout(create(dir, files::EVENTS)?);
+        if opts.console_to_stderr {
+            cmd.stderr(Stdio::inherit());
+        } else {
+            cmd.stderr(create(dir, files::VMM_LOG)?);
+        }
+        if opts.detach {
+            // SAFETY: setsid is async-signal-safe and touches no memory of
+            // the parent; it only fails if we already lead a session.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+        }
+        let spawn_us = now_us();
+        let child = cmd
+            .spawn()
+            .map_err(|source| VmError::Spawn { path: vmm, source })?;
+        let pid = child.id();
+        // The child is ours and not reaped yet, so its pid cannot name
+        // another process while we open the pidfd.
+        let pidfd = pidfd_open(pid);
+        Ok(VmmProcess {
+            child: Some(child),
+            pidfd,
+            pid,
+            start_ticks: procfs::start_ticks(pid).unwrap_or(0),
+            dir: dir.to_path_buf(),
+            console_log,
+            remove_dir_on_drop: opts.remove_dir_on_drop,
+            released: false,
+            events: EventTail {
+                path: dir.join(files::EVENTS),
+                offset: 0,
+                partial: Vec::new(),
+            },
+            timeline: Timeline {
+                spawn_us,
+                ..Default::default()
+            },
+            exit: None,
+        })
+    }
+
+    /// Takes over a VMM that another process started (a detached clone, a
+    /// VM of a daemon that restarted): `pid` must still be the process that
+    /// started at `start_ticks`. Its events so far are read from `dir`.
+    pub fn adopt(dir: &Path, pid: u32, start_ticks: u64) -> Result<Self, VmError> {
+        let pidfd = pidfd_open(pid).ok_or(VmError::Gone { pid })?;
+        // Checked after the pidfd is open: if the start time matches now,
+        // the pidfd is that process for good.
+        if !procfs::is_same_live_process(pid, start_ticks) {
+            return Err(VmError::Gone { pid });
+        }
+        let mut p = VmmProcess {
+            child: None,
+            pidfd: Some(pidfd),
+            pid,
+            start_ticks,
+            dir: dir.to_path_buf(),
+            console_log: Some(dir.join(files::CONSOLE)),
+            remove_dir_on_drop: false,
+            released: false,
+            events: EventTail {
+                path: dir.join(files::EVENTS),
+                offset: 0,
+                partial: Vec::new(),
+            },
+            timeline: Timeline::default(),
+            exit: None,
+        };
+        p.poll();
+        p.timeline.spawn_us = p.timeline.started_us.unwrap_or(0);
+        Ok(p)
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The process's start time (with the pid, it names the process).
+    pub fn start_ticks(&self) -> u64 {
+        self.start_ticks
+    }
+
+    /// The VM's runtime directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The host side of the VM's vsock device.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.join(files::VSOCK)
+    }
+
+    /// The pidfd, to wait on (readable once the process has exited).
+    pub fn pidfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Reads the events written since the last call and notices an exit.
+    /// Returns how the VM ended, once it has.
+    pub fn poll(&mut self) -> Option<&VmExit> {
+        for ev in self.events.read_new() {
+            self.timeline.record(&ev);
+            if let Event::Exit {
+                reason, message, ..
+            } = ev
+            {
+                self.exit = Some(VmExit { reason, message });
+            }
+        }
+        if self.exit.is_none() && self.process_ended() {
+            // It may have written its last event just before it ended.
+            for ev in self.events.read_new() {
+                if let Event::Exit {
+                    reason, message, ..
+                } = ev
+                {
+                    self.exit = Some(VmExit { reason, message });
+                }
+            }
+            if self.exit.is_none() {
+                self.exit = Some(VmExit {
+                    reason: ExitReason::Error,
+                    message: self.death_message(),
+                });
+            }
+        }
+        self.exit.as_ref()
+    }
+
+    /// How the VM ended, if it has (as of the last [`VmmProcess::poll`]).
+    pub fn exit(&self) -> Option<&VmExit> {
+        self.exit.as_ref()
+    }
+
+    fn process_ended(&mut self) -> bool {
+        if let Some(child) = &mut self.child {
+            return !matches!(child.try_wait(), Ok(None));
+        }
+        match &self.pidfd {
+            Some(fd) => pidfd_exited(fd),
+            None => !procfs::is_same_live_process(self.pid, self.start_ticks),
+        }
+    }
+
+    /// What to say about a VMM that ended without an exit event.
+    fn death_message(&mut self) -> String {
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        let how = match status {
+            Some(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                match s.signal() {
+                    Some(sig) => format!("killed by signal {sig}"),
+                    None => format!("exited with code {}", s.code().unwrap_or(-1)),
+                }
+            }
+            None => "ended".to_string(),
+        };
+        let log = std::fs::read_to_string(self.dir.join(files::VMM_LOG)).unwrap_or_default();
+        match log.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(last) => format!("the VMM {how}: {last}"),
+            None => format!("the VMM {how} without saying why"),
+        }
+    }
+
+    /// Polls until `done` holds for the timeline, the VM ends, or `timeout`.
+    fn wait_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&Timeline) -> bool,
+    ) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ended = self.poll().is_some();
+            if done(&self.timeline) {
+                return Ok(());
+            }
+            if ended {
+                return Err(self.exited_error());
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::ReadyTimeout(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits until the agent of a booted VM says it is ready.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), VmError> {
+        self.wait_until(timeout, |t| t.agent_ready_us.is_some())
+    }
+
+    /// Waits until vCPU 0 runs the guest.
+    pub fn wait_running(&mut self, timeout: Duration) -> Result<(), VmError> {
+        self.wait_until(timeout, |t| t.vcpu_running_us.is_some())
+    }
+
+    /// The error that says how the VM ended, with the console's last lines
+    /// when it did not end normally.
+    pub fn exited_error(&mut self) -> VmError {
+        let VmExit {
+            reason,
+            mut message,
+        } = self.exit.clone().unwrap_or(VmExit {
+            reason: ExitReason::Error,
+            message: "the VMM process ended without saying why".into(),
+        });
+        if !matches!(reason, ExitReason::Shutdown | ExitReason::Frozen) {
+            if let Some(tail) = self.console_tail(8) {
+                message.push_str("\n  last console lines:\n");
+                message.push_str(&tail);
+            }
+        }
+        VmError::Exited { reason, message }
+    }
+
+    /// How the VM ended, as an error (for callers that lost the agent):
+    /// waits a little for the VMM to say it.
+    pub fn end_error(&mut self) -> VmError {
+        let _ = self.wait_exit(Duration::from_secs(5));
+        self.exited_error()
+    }
+
+    /// The last `n` non-empty lines of the console log, indented, when the
+    /// console goes to a file.
+    pub fn console_tail(&self, n: usize) -> Option<String> {
+        let text = console_tail(self.console_log.as_ref()?, n);
+        (!text.is_empty()).then(|| text.iter().map(|l| format!("    {l}\n")).collect())
+    }
+
+    /// Freezes a VM booted with a snapshot directory and a control socket:
+    /// its vCPUs stop for good, its state is written next to its RAM, and
+    /// the VMM ends. Returns what the VMM reported (pause and save times).
+    pub fn freeze(&mut self, timeout: Duration) -> Result<CtlResponse, VmError> {
+        let response =
+            proto::ctl::call(&self.dir.join(files::CONTROL), &CtlRequest::Freeze, timeout)
+                .map_err(VmError::Control)?;
+        if !response.ok {
+            return Err(VmError::Freeze(
+                response.error.unwrap_or_else(|| "no reason given".into()),
+            ));
+        }
+        match self.wait_exit(timeout)? {
+            VmExit {
+                reason: ExitReason::Frozen,
+                ..
+            } => Ok(response),
+            VmExit { reason, message } => Err(VmError::Freeze(format!(
+                "the VMM ended with {reason:?} instead: {message}"
+            ))),
+        }
+    }
+
+    /// Waits up to `timeout` for the VMM to end on its own; then kills it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<VmExit, VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.poll() {
+                let e = e.clone();
+                self.reap();
+                return Ok(e);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(VmError::Exited {
+                    reason: ExitReason::Error,
+                    message: format!("the VM did not shut down within {timeout:?} and was killed"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Whether the process has ended (polls).
+    pub fn has_exited(&mut self) -> bool {
+        self.poll().is_some()
+    }
+
+    fn reap(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the VMM now (SIGKILL through its pidfd) and waits until it is
+    /// gone (up to 5 s).
+    pub fn kill(&mut self) {
+        match &self.pidfd {
+            Some(fd) => {
+                let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !pidfd_exited(fd) && Instant::now() < deadline {
+                    wait_readable(fd, Duration::from_millis(100));
+                }
+            }
+            None => {
+                if let Some(child) = &mut self.child {
+                    let _ = child.kill();
+                }
+            }
+        }
+        self.reap();
+        if self.exit.is_none() {
+            self.poll();
+        }
+    }
+
+    /// Gives up the handle: the VMM keeps running and its directory stays.
+    pub fn release(&mut self) {
+        self.released = true;
+        // Dropping a `Child` neither kills nor waits.
+        self.child.take();
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if self.released || !self.remove_dir_on_drop {
+            return;
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // The runtime root too, if this was its last VM.
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// Asks the VMM binary whether it can restore the snapshot in `dir` on
+/// this host (`zygote-vmm --check-snapshot`): the same checks every restore
+/// makes, without creating a VM. `Ok` carries its answer, refusals included.
+pub fn check_snapshot(dir: &Path) -> Result<SnapshotCheck, VmError> {
+    let vmm = paths::vmm_binary()?;
+    let launch = VmmLaunch::new(VmSource::CheckSnapshot {
+        snapshot: dir.to_path_buf(),
+    });
+    let out = Command::new(&vmm)
+        .args(launch.to_args())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|source| VmError::Spawn {
+            path: vmm.clone(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).map_err(|e| VmError::Spawn {
+        path: vmm,
+        source: std::io::Error::other(format!(
+            "unexpected answer to --check-snapshot ({e}): {text}"
+        )),
+    })
+}
+
+/// The last `n` non-empty lines of a console log.
+pub fn console_tail(path: &Path, n: usize) -> Vec<String> {
+    let text = std::fs::read(path).unwrap_or_default();
+    // Only the end matters: a console log can be long.
+    let from = text.len().saturating_sub(64 * 1024);
+    let text = String::from_utf8_lossy(&text[from..]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+/// A pidfd for `pid`, or `None` when the process is gone (or the kernel
+/// has no pidfds).
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid as i32)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Whether the process behind `fd` has exited (its pidfd is readable).
+pub fn pidfd_exited(fd: &OwnedFd) -> bool {
+    wait_readable(fd, Duration::ZERO)
+}
+
+fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let ts = Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as i64,
+    };
+    matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+}
+
+/// Kills the process `pid` that started at `start_ticks`, through a pidfd
+/// (a pid that now names another process is left alone), and waits up to
+/// 5 s for it to end. Returns whether it was that process and it ended.
+pub fn kill_process(pid: u32, start_ticks: u64) -> bool {
+    let Some(fd) = pidfd_open(pid) else {
+        return false;
+    };
+    if !procfs::is_same_live_process(pid, start_ticks) {
+        return false;
+    }
+    let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pidfd_exited(&fd) && Instant::now() < deadline {
+        wait_readable(&fd, Duration::from_millis(100));
+    }
+    // Not our child: its parent (or init) reaps it; a zombie counts as gone.
+    while procfs::is_same_live_process(pid, start_ticks) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    !procfs::is_same_live_process(pid, start_ticks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_read_as_they_are_written_even_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(files::EVENTS);
+        let mut tail = EventTail {
+            path: path.clone(),
+            offset: 0,
+            partial: Vec::new(),
+        };
+        assert!(tail.read_new().is_empty(), "no file yet");
+        std::fs::write(
+            &path,
+            "{\"event\":\"started\",\"t_us\":5}\n{\"event\":\"vcpu_r",
+        )
+        .unwrap();
+        assert_eq!(tail.read_new(), vec![Event::Started { t_us: 5 }]);
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"unning\",\"t_us\":9}\nnot json\n").unwrap();
+        assert_eq!(tail.read_new(), vec![Event::VcpuRunning { t_us: 9 }]);
+        assert_eq!(read_events(dir.path()).len(), 2);
+    }
+
+    #[test]
+    fn a_process_is_killed_through_its_pidfd_and_only_if_it_is_the_same() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let start = procfs::start_ticks(pid).unwrap();
+        assert!(
+            !kill_process(pid, start + 1),
+            "another start time is another process"
+        );
+        assert!(procfs::is_same_live_process(pid, start));
+        let fd = pidfd_open(pid).unwrap();
+        assert!(!pidfd_exited(&fd));
+        assert!(kill_process(pid, start));
+        assert!(pidfd_exited(&fd));
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn console_tail_keeps_the_last_non_empty_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c");
+        std::fs::write(&p, "a\n\nb\n  \nc\nd\n").unwrap();
+        assert_eq!(console_tail(&p, 2), vec!["c", "d"]);
+        assert!(console_tail(&dir.path().join("none"), 3).is_empty());
+    }
+}
