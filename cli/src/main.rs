@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use host::vmm::VmSpec;
 
 mod commands;
+mod daemon;
 
 /// zygote: KVM microVMs that start as copy-on-write clones of a warm master.
 #[derive(Parser, Debug)]
@@ -119,6 +120,8 @@ enum Cmd {
         #[command(subcommand)]
         what: SnapshotCmd,
     },
+    /// Serve the HTTP API for this host's masters and clones.
+    Daemon(daemon::DaemonArgs),
     /// Benchmarks (`zygote bench boot|clone --help`); runs `zygote-bench`,
     /// which is built next to `zygote`.
     #[command(disable_help_flag = true)]
@@ -232,6 +235,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Kill { clones, all } => commands::kill(clones, all),
         Cmd::Snapshot { what } => commands::snapshot(what),
         Cmd::Bench { args } => bench(args),
+        Cmd::Daemon(a) => daemon::run(a),
     }
 }
 

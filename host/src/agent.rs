@@ -144,6 +144,12 @@ impl AgentClient {
         }
     }
 
+    /// The connection itself (after the hello), for a caller that relays
+    /// frames on its own (the daemon's streamed exec).
+    pub fn into_stream(self) -> std::io::Result<UnixStream> {
+        Ok(self.stream)
+    }
+
     fn send(&mut self, req: Request) -> Result<(), AgentError> {
         HostFrame::Request(req).write_to(&mut self.stream)?;
         Ok(())

@@ -4,7 +4,9 @@
 //! It owns the VMM process handle ([`vmm::VmmProcess`]: one type for booted
 //! VMs, masters and clones, one timeline), the agent client ([`agent`]), the
 //! state directory ([`store`]), masters ([`master`]), clones ([`clone`]),
-//! one-shot runs ([`run`]), and `/proc` readings ([`procfs`]).
+//! one-shot runs ([`run`]), `/proc` readings ([`procfs`]), and the
+//! long-lived service the daemon serves ([`runtime`]: tenants, admission,
+//! supervision by pidfd in [`supervise`], TTLs, adoption, [`metrics`]).
 //!
 //! It must not: touch KVM (that is the VMM process's job, one VM per
 //! process; this crate does not link the `vmm` crate), speak HTTP or parse
@@ -15,8 +17,11 @@
 pub mod agent;
 pub mod clone;
 pub mod master;
+pub mod metrics;
 pub mod paths;
 pub mod procfs;
 pub mod run;
+pub mod runtime;
 pub mod store;
+pub mod supervise;
 pub mod vmm;

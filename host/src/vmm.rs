@@ -658,6 +658,12 @@ impl VmmProcess {
         }
     }
 
+    /// Keeps the VMM and its directory when the handle is dropped (the
+    /// caller owns their lifetime from now on), while still watching it.
+    pub fn keep_on_drop(&mut self) {
+        self.remove_dir_on_drop = false;
+    }
+
     /// Gives up the handle: the VMM keeps running and its directory stays.
     pub fn release(&mut self) {
         self.released = true;
