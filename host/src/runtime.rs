@@ -1550,6 +1550,7 @@ impl std::io::Write for CappedBuffer {
 struct TailBuffer {
     buf: Vec<u8>,
     cap: usize,
+    cut: bool,
 }
 
 impl TailBuffer {
@@ -1557,12 +1558,20 @@ impl TailBuffer {
         TailBuffer {
             buf: Vec::new(),
             cap,
+            cut: false,
         }
     }
 
+    /// The last `n` non-empty whole lines.
     fn lines(&self, n: usize) -> Vec<String> {
         let text = String::from_utf8_lossy(&self.buf);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        // After a cut the first line is only the end of one.
+        let skip = usize::from(self.cut);
+        let lines: Vec<&str> = text
+            .lines()
+            .skip(skip)
+            .filter(|l| !l.trim().is_empty())
+            .collect();
         lines[lines.len().saturating_sub(n)..]
             .iter()
             .map(|l| l.to_string())
@@ -1576,6 +1585,7 @@ impl std::io::Write for TailBuffer {
         if self.buf.len() > self.cap {
             let cut = self.buf.len() - self.cap;
             self.buf.drain(..cut);
+            self.cut = true;
         }
         Ok(data.len())
     }
@@ -1606,9 +1616,12 @@ mod tests {
 
     #[test]
     fn tail_buffer_keeps_the_last_lines() {
-        let mut t = TailBuffer::new(10);
+        let mut t = TailBuffer::new(13);
         t.write_all(b"first line\nsecond\nthird\n").unwrap();
-        assert_eq!(t.lines(5), vec!["second", "third"]);
+        assert_eq!(t.lines(5), vec!["third"], "the cut line is dropped");
+        let mut t = TailBuffer::new(100);
+        t.write_all(b"a\n\nb\nc\n").unwrap();
+        assert_eq!(t.lines(2), vec!["b", "c"]);
     }
 
     #[test]
