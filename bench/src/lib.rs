@@ -1,5 +1,6 @@
 //! Everything that measures zygote: cold boots (`bench boot`), clones
-//! against cold boots and QEMU (`bench clone`), fresh process vs fork
+//! against cold boots and QEMU (`bench clone`), the daemon's HTTP layer
+//! (`bench api`), fresh process vs fork
 //! ([`fork_bench`]), the QEMU peer ([`peer`]), statistics and plots.
 //!
 //! It must not: be linked into the product binaries (`zygote`,
@@ -8,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod bench_api;
 pub mod bench_clone;
 pub mod fork_bench;
 pub mod peer;

@@ -56,6 +56,34 @@ enum BenchCmd {
     /// Clone a warm master N times and compare with its cold boot (and with
     /// QEMU restoring a saved VM).
     Clone(BenchCloneArgs),
+    /// What the daemon's HTTP layer costs: clone and health over HTTP against
+    /// the same through host/, GET rate while clones start, daemon RSS.
+    Api {
+        /// Master RAM, MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        /// Clones each way (HTTP and direct).
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Health requests and direct pings each.
+        #[arg(long, default_value_t = 200)]
+        pings: usize,
+        /// Target rate of GET /v1/instances/{id}, per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds the GET load lasts.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Live clones when the daemon's RSS is read (0: skip).
+        #[arg(long, default_value_t = 300)]
+        density: usize,
+        /// Seconds the master's cold boot may take.
+        #[arg(long, default_value_t = 300)]
+        boot_timeout: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fresh process vs fork() of a prepared VMM, on one snapshot (run by
     /// `clone`; prints one JSON object, µs).
     #[command(hide = true)]
@@ -201,6 +229,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         BenchCmd::Clone(args) => bench_clone(args),
+        BenchCmd::Api {
+            memory,
+            count,
+            pings,
+            rate,
+            duration,
+            density,
+            boot_timeout,
+            json,
+        } => {
+            let opts = bench::bench_api::ApiBenchOptions {
+                memory_mib: memory,
+                count: count.max(1),
+                pings: pings.max(1),
+                rate: rate.max(1),
+                duration: Duration::from_secs(duration.max(1)),
+                density,
+                boot_timeout: Duration::from_secs(boot_timeout),
+            };
+            let report = bench::bench_api::bench_api(&opts, &mut |m| eprintln!("zygote bench: {m}"))
+                .map_err(anyhow::Error::msg)
+                .context("api benchmark")?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(if report.errors.is_empty() { 0 } else { 1 })
+        }
         BenchCmd::ForkBench {
             snapshot,
             dir,

@@ -29,6 +29,17 @@ impl Summary {
     }
 }
 
+/// The `p`-th percentile (nearest rank) of `values`; `None` when empty.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +56,15 @@ mod tests {
         );
         assert_eq!(Summary::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().p50, 2.0);
         assert!(Summary::of(&[]).is_none());
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
     }
 }
