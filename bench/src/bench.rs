@@ -92,6 +92,48 @@ pub fn boot_once(spec: &VmSpec, timeout: Duration) -> Result<BootSample, BenchEr
     })
 }
 
+/// Makes sure `qemu-system-x86_64` is installed: only the benchmarks'
+/// peer needs it, so it is installed (Debian's `qemu-system-x86`, nothing
+/// removed or downgraded) when a benchmark that compares with it runs.
+pub fn ensure_qemu(progress: &mut dyn FnMut(&str)) -> Result<(), BenchError> {
+    let found = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if found("qemu-system-x86_64") {
+        return Ok(());
+    }
+    if !rustix::process::geteuid().is_root() {
+        return Err(BenchError::Peer(
+            "qemu-system-x86_64 is not installed: apt-get install --no-install-recommends qemu-system-x86".into(),
+        ));
+    }
+    progress("installing the QEMU peer (Debian's qemu-system-x86)");
+    let quiet = |c: &mut Command| {
+        c.env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let _ = quiet(Command::new("apt-get").args(["update", "-qq"]));
+    let ok = quiet(Command::new("apt-get").args([
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "--no-remove",
+        "qemu-system-x86",
+    ]));
+    if ok && found("qemu-system-x86_64") {
+        Ok(())
+    } else {
+        Err(BenchError::Peer(
+            "could not install qemu-system-x86 with apt-get".into(),
+        ))
+    }
+}
+
 /// `qemu-system-x86_64 -M microvm` with the same kernel, initramfs, command
 /// line, memory and vCPUs as `spec`, console on its stdout: the peer every
 /// benchmark compares with (boot, and save/restore in [`crate::peer`]).
@@ -209,6 +251,7 @@ pub fn bench_boot(
         ));
         report.zygote.push(s);
         if peer {
+            ensure_qemu(progress)?;
             let q = qemu_boot_once(spec, timeout)?;
             progress(&format!(
                 "boot {}/{count}: qemu ready in {:.0} ms",

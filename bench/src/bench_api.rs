@@ -196,7 +196,10 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
     let d = start_daemon().await?;
     report.daemon_rss_idle_kib = host::procfs::rss(d.child.id()).map(|r| r.total);
     let c = d.client.clone();
-    progress(&format!("master: cold boot of {} MiB over HTTP", opts.memory_mib));
+    progress(&format!(
+        "master: cold boot of {} MiB over HTTP",
+        opts.memory_mib
+    ));
     let a = c
         .post(
             "/v1/masters",
@@ -209,17 +212,26 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
     }
     let deadline = Instant::now() + opts.boot_timeout;
     loop {
-        let m = c.get("/v1/masters/bench").await.map_err(|e| e.to_string())?.json();
+        let m = c
+            .get("/v1/masters/bench")
+            .await
+            .map_err(|e| e.to_string())?
+            .json();
         match m["status"].as_str() {
             Some("frozen") => break,
             Some("failed") => return Err(format!("the master failed: {}", m["reason"])),
-            _ if Instant::now() > deadline => return Err("the master did not freeze in time".into()),
+            _ if Instant::now() > deadline => {
+                return Err("the master did not freeze in time".into())
+            }
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
 
     // 1. Clone over HTTP vs through host/, alternating.
-    progress(&format!("{} clones over HTTP and {} through host/, alternating", opts.count, opts.count));
+    progress(&format!(
+        "{} clones over HTTP and {} through host/, alternating",
+        opts.count, opts.count
+    ));
     let store = Store::at(d.dir.clone());
     let (mut http, mut direct) = (Vec::new(), Vec::new());
     let (mut http_out, mut direct_out) = (Vec::new(), Vec::new());
@@ -227,7 +239,10 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
     for i in 0..opts.count {
         let t0 = Instant::now();
         let a = c
-            .post("/v1/instances", &serde_json::json!({"master": "bench", "count": 1}))
+            .post(
+                "/v1/instances",
+                &serde_json::json!({"master": "bench", "count": 1}),
+            )
             .await
             .map_err(|e| e.to_string())?;
         let took = t0.elapsed();
@@ -292,7 +307,10 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
     };
 
     // 2. Health over HTTP vs the agent ping it wraps.
-    progress(&format!("{} health requests and {} direct pings, alternating", opts.pings, opts.pings));
+    progress(&format!(
+        "{} health requests and {} direct pings, alternating",
+        opts.pings, opts.pings
+    ));
     let uds = d.dir.join("clones").join(&id).join(host::vmm::files::VSOCK);
     let mut agent = tokio::task::spawn_blocking(move || AgentClient::connect(&uds))
         .await
@@ -344,7 +362,10 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
             let mut started = 0;
             while Instant::now() < stop_at {
                 if let Ok(a) = c
-                    .post("/v1/instances", &serde_json::json!({"master": "bench", "count": 2}))
+                    .post(
+                        "/v1/instances",
+                        &serde_json::json!({"master": "bench", "count": 2}),
+                    )
                     .await
                 {
                     started += a.json()["started"].as_u64().unwrap_or(0) as usize;
@@ -371,9 +392,10 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
             match c.get(&format!("/v1/instances/{id}")).await {
-                Ok(a) if a.status.is_success() => {
-                    lat.lock().unwrap_or_else(|e| e.into_inner()).push(ms(t0.elapsed()))
-                }
+                Ok(a) if a.status.is_success() => lat
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(ms(t0.elapsed())),
                 _ => {
                     errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -401,7 +423,10 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
         while alive < opts.density && failures < 5 {
             let n = (opts.density - alive).min(50);
             let a = c
-                .post("/v1/instances", &serde_json::json!({"master": "bench", "count": n}))
+                .post(
+                    "/v1/instances",
+                    &serde_json::json!({"master": "bench", "count": n}),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             if a.json()["started"].as_u64().unwrap_or(0) == 0 {
@@ -442,24 +467,51 @@ impl ApiReport {
             None => "-",
         };
         let mut t = String::new();
-        t.push_str(&format!("{:<44} {:>28}  {}\n", "", "min / p50 / max (ms)", "bar"));
-        t.push_str(&format!("{:<44} {:>28}\n", "clone over HTTP → agent answered", s(self.clone_http_ms)));
-        t.push_str(&format!("{:<44} {:>28}\n", "clone through host/ → agent answered", s(self.clone_direct_ms)));
+        t.push_str(&format!(
+            "{:<44} {:>28}  {}\n",
+            "", "min / p50 / max (ms)", "bar"
+        ));
+        t.push_str(&format!(
+            "{:<44} {:>28}\n",
+            "clone over HTTP → agent answered",
+            s(self.clone_http_ms)
+        ));
+        t.push_str(&format!(
+            "{:<44} {:>28}\n",
+            "clone through host/ → agent answered",
+            s(self.clone_direct_ms)
+        ));
         t.push_str(&format!(
             "{:<44} {:>28}\n",
             "  wall p50 difference (guest noise included)",
             f(self.clone_overhead_p50_ms)
         ));
-        t.push_str(&format!("{:<44} {:>28}\n", "  HTTP: wall − daemon's spawn→ping", s(self.clone_http_outside_ms)));
-        t.push_str(&format!("{:<44} {:>28}\n", "  host/: wall − spawn→ping", s(self.clone_direct_outside_ms)));
+        t.push_str(&format!(
+            "{:<44} {:>28}\n",
+            "  HTTP: wall − daemon's spawn→ping",
+            s(self.clone_http_outside_ms)
+        ));
+        t.push_str(&format!(
+            "{:<44} {:>28}\n",
+            "  host/: wall − spawn→ping",
+            s(self.clone_direct_outside_ms)
+        ));
         t.push_str(&format!(
             "{:<44} {:>28}  {} (≤ 2 ms)\n",
             "  what HTTP adds to a clone, p50",
             f(self.clone_http_layer_p50_ms),
             bar(self.clone_http_layer_p50_ms.map(|x| x <= 2.0))
         ));
-        t.push_str(&format!("{:<44} {:>28}\n", "GET .../health", s(self.health_http_ms)));
-        t.push_str(&format!("{:<44} {:>28}\n", "agent ping (kept connection)", s(self.ping_direct_ms)));
+        t.push_str(&format!(
+            "{:<44} {:>28}\n",
+            "GET .../health",
+            s(self.health_http_ms)
+        ));
+        t.push_str(&format!(
+            "{:<44} {:>28}\n",
+            "agent ping (kept connection)",
+            s(self.ping_direct_ms)
+        ));
         t.push_str(&format!(
             "{:<44} {:>28}\n",
             "  wall p50 difference (guest noise included)",
@@ -473,13 +525,19 @@ impl ApiReport {
         ));
         t.push_str(&format!(
             "{:<44} {:>28}  {} (≥ 1000/s)\n",
-            format!("GET /v1/instances/{{id}} at {}/s: achieved", self.get_target_per_s),
+            format!(
+                "GET /v1/instances/{{id}} at {}/s: achieved",
+                self.get_target_per_s
+            ),
             format!("{:.0}/s", self.get_achieved_per_s),
             bar(Some(self.get_achieved_per_s >= 1000.0 * 0.98))
         ));
         t.push_str(&format!(
             "{:<44} {:>28}  {} (p99 < 10 ms)\n",
-            format!("  p50 / p99, {} clones started meanwhile", self.clones_during_load),
+            format!(
+                "  p50 / p99, {} clones started meanwhile",
+                self.clones_during_load
+            ),
             format!("{} / {}", f(self.get_p50_ms), f(self.get_p99_ms)),
             bar(self.get_p99_ms.map(|x| x < 10.0))
         ));

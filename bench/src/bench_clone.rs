@@ -1092,7 +1092,11 @@ pub fn bench_clone(
         check_interrupted()?;
         let n = opts.count.min(QEMU_RESTORES);
         let progress = &mut *ctx.progress;
-        let r = crate::peer::qemu_restore(&opts.spec, opts.boot_timeout, n, &mut |m| progress(m));
+        let r = crate::bench::ensure_qemu(&mut |m| progress(m))
+            .map_err(crate::peer::PeerError::Setup)
+            .and_then(|_| {
+                crate::peer::qemu_restore(&opts.spec, opts.boot_timeout, n, &mut |m| progress(m))
+            });
         check_interrupted()?;
         match r {
             Ok(s) => report.qemu = Some(s),

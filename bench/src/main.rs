@@ -248,9 +248,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 density,
                 boot_timeout: Duration::from_secs(boot_timeout),
             };
-            let report = bench::bench_api::bench_api(&opts, &mut |m| eprintln!("zygote bench: {m}"))
-                .map_err(anyhow::Error::msg)
-                .context("api benchmark")?;
+            let report =
+                bench::bench_api::bench_api(&opts, &mut |m| eprintln!("zygote bench: {m}"))
+                    .map_err(anyhow::Error::msg)
+                    .context("api benchmark")?;
             if json {
                 println!("{}", report.to_json());
             } else {

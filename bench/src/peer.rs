@@ -52,6 +52,9 @@ const SAVE_BANDWIDTH: u64 = 1 << 40;
 /// Errors of the QEMU save/restore peer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
+    /// QEMU could not be installed.
+    #[error("the QEMU peer: {0}")]
+    Setup(#[source] crate::bench::BenchError),
     /// `qemu-system-x86_64` is not installed.
     #[error("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86): {0}")]
     QemuMissing(#[source] std::io::Error),
