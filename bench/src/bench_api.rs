@@ -147,6 +147,9 @@ async fn start_daemon() -> Result<Daemon, String> {
         .arg("stop")
         .arg("--max-starting")
         .arg("64")
+        // Density counts the daemon's own memory, not a host limit.
+        .arg("--memory-ratio")
+        .arg("4")
         .env("ZYGOTE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

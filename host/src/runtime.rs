@@ -543,6 +543,9 @@ impl Runtime {
 
     fn adopt(&self) -> Adoption {
         let mut found = Adoption::default();
+        // Masters being made by a daemon that was killed: their VMMs died
+        // with it; their runtime directories did not.
+        found.cleaned += vmm::remove_abandoned_runtime_dirs(&self.store.root().join("vms"));
         let mut t = lock(&self.tables);
         for m in self.store.masters().into_iter().flatten() {
             found.masters += 1;

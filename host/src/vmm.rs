@@ -686,6 +686,32 @@ impl Drop for VmmProcess {
     }
 }
 
+/// Removes the `vm-PID-N` runtime directories under `root` whose creating
+/// process (PID) is gone: VMs of a command or daemon that was killed before
+/// it could clean up (their VMMs died with it). Returns how many.
+pub fn remove_abandoned_runtime_dirs(root: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("vm-")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id()
+                && procfs::stat(pid).is_none()
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// Asks the VMM binary whether it can restore the snapshot in `dir` on
 /// this host (`zygote-vmm --check-snapshot`): the same checks every restore
 /// makes, without creating a VM. `Ok` carries its answer, refusals included.
@@ -816,6 +842,22 @@ mod tests {
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn runtime_dirs_of_dead_processes_are_removed_and_others_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = root.path().join(format!("vm-{}-0", std::process::id()));
+        let gone = root.path().join(format!("vm-{dead}-3"));
+        let other = root.path().join("not-a-vm");
+        for d in [&mine, &gone, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        assert_eq!(remove_abandoned_runtime_dirs(root.path()), 1);
+        assert!(mine.exists() && other.exists() && !gone.exists());
     }
 
     #[test]
