@@ -16,6 +16,11 @@
 //! - **Checksums**: CRC-32 of the state text (checked by every [`open`]) and of
 //!   the whole logical memory content (checked on demand by [`verify_memory`],
 //!   and by [`save`] as it copies).
+//! - **Capped reads**: a snapshot is untrusted input. [`open`] reads at most
+//!   [`MAX_MANIFEST_SIZE`] bytes of manifest, and accepts only a memory size
+//!   that is nonzero, a whole number of pages and at most [`MAX_MEMORY_SIZE`]
+//!   ([`Error::TooLarge`], [`Error::MemorySize`]). [`write_manifest`] refuses
+//!   to write what [`open`] would refuse to read.
 //! - **Sparse copy**: [`save`] finds data with `SEEK_DATA`/`SEEK_HOLE`, skips
 //!   holes, and leaves a hole for every 4 KiB page of data that is all zeros.
 //! - **Atomic writes**: a manifest is written to a temporary file, fsynced and
@@ -30,7 +35,7 @@
 //! [`Snapshot::memory_path`] itself (copy-on-write, for clones).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -49,8 +54,19 @@ pub const MANIFEST_FILE: &str = "snapshot.json";
 /// The guest memory's file name inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
 
-/// Page size for zero-page detection in [`save`].
-const PAGE: usize = 4096;
+/// Page size: the memory file is a whole number of pages, and [`save`]
+/// leaves zero pages as holes.
+pub const PAGE_SIZE: u64 = 4096;
+/// The largest manifest [`open`] reads. A VM's state is tens of KiB per
+/// vCPU; this leaves room for hundreds of vCPUs and devices while keeping
+/// a hostile manifest from costing more memory than a small VM.
+pub const MAX_MANIFEST_SIZE: u64 = 64 << 20;
+/// The largest guest memory a snapshot may declare: 1 TiB, far above any
+/// microVM and below what a 64-bit size could claim.
+pub const MAX_MEMORY_SIZE: u64 = 1 << 40;
+
+/// [`PAGE_SIZE`] for slicing buffers.
+const PAGE: usize = PAGE_SIZE as usize;
 /// Copy and verify buffer size.
 const BUF: usize = 1 << 20;
 
@@ -140,6 +156,24 @@ pub enum Error {
         /// [`VERSION`].
         supported: u32,
     },
+    /// The manifest is larger than any this crate reads.
+    #[error("snapshot manifest {} is {size} bytes, more than the {max} bytes a zygote snapshot manifest may have", path.display())]
+    TooLarge {
+        /// The manifest file.
+        path: PathBuf,
+        /// Its size (at least; it may be growing).
+        size: u64,
+        /// [`MAX_MANIFEST_SIZE`].
+        max: u64,
+    },
+    /// The memory size is zero, not a whole number of pages, or too large.
+    #[error("snapshot {} declares {size} bytes of memory: it must be a nonzero multiple of {PAGE_SIZE} of at most {MAX_MEMORY_SIZE} bytes", path.display())]
+    MemorySize {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// The declared (or found) size.
+        size: u64,
+    },
     /// The memory file is not as long as the manifest says.
     #[error("snapshot memory {} is {actual} bytes but its manifest says {expected} (truncated or corrupted)", path.display())]
     Truncated {
@@ -195,8 +229,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 ///
 /// `state_json` must be valid JSON (else [`Error::BadState`]); it is stored
 /// verbatim (leading and trailing whitespace aside). `memory.size` is the
-/// memory file's length. The write is atomic: a temporary file in `dir` is
-/// written, fsynced and renamed to `snapshot.json`, and `dir` is fsynced.
+/// memory file's length, which must be one [`open`] accepts
+/// ([`Error::MemorySize`]), as must the manifest's size ([`Error::TooLarge`]).
+/// The write is atomic: a temporary file in `dir` is written, fsynced and
+/// renamed to `snapshot.json`, and `dir` is fsynced.
 pub fn write_manifest(
     dir: &Path,
     state_json: &str,
@@ -206,6 +242,7 @@ pub fn write_manifest(
         RawValue::from_string(state_json.to_owned()).map_err(|e| Error::BadState(e.to_string()))?;
     let mem_path = dir.join(MEMORY_FILE);
     let size = fs::metadata(&mem_path).map_err(io_err(&mem_path))?.len();
+    check_memory_size(dir, size)?;
     let manifest = Manifest {
         format: FORMAT.to_owned(),
         version: VERSION,
@@ -224,6 +261,13 @@ pub fn write_manifest(
     text.push(b'\n');
 
     let path = dir.join(MANIFEST_FILE);
+    if text.len() as u64 > MAX_MANIFEST_SIZE {
+        return Err(Error::TooLarge {
+            path,
+            size: text.len() as u64,
+            max: MAX_MANIFEST_SIZE,
+        });
+    }
     let tmp = dir.join(format!(
         ".{MANIFEST_FILE}.tmp-{}-{}",
         std::process::id(),
@@ -252,14 +296,16 @@ pub fn write_manifest(
 
 /// Opens a snapshot directory.
 ///
-/// Reads and checks the manifest: format, version, state checksum, and that
-/// the memory file is a regular file exactly `memory.size` bytes long. Cheap:
-/// it does not read the memory (see [`verify_memory`]).
+/// Reads and checks the manifest: its size (at most [`MAX_MANIFEST_SIZE`]),
+/// format, version, state checksum, the memory size (see
+/// [`Error::MemorySize`]), and that the memory file is a regular file exactly
+/// `memory.size` bytes long. Cheap: it does not read the memory (see
+/// [`verify_memory`]).
 pub fn open(dir: &Path) -> Result<Snapshot, Error> {
     let path = dir.join(MANIFEST_FILE);
-    let text = match fs::read(&path) {
+    let text = match read_capped(&path, MAX_MANIFEST_SIZE) {
         Ok(t) => t,
-        Err(e)
+        Err(ReadError::Io(e))
             if matches!(
                 e.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
@@ -269,9 +315,17 @@ pub fn open(dir: &Path) -> Result<Snapshot, Error> {
                 path: dir.to_path_buf(),
             })
         }
-        Err(e) => return Err(io_err(&path)(e)),
+        Err(ReadError::Io(e)) => return Err(io_err(&path)(e)),
+        Err(ReadError::TooLarge(size)) => {
+            return Err(Error::TooLarge {
+                path,
+                size,
+                max: MAX_MANIFEST_SIZE,
+            })
+        }
     };
     let manifest = parse_manifest(dir, &path, &text)?;
+    check_memory_size(dir, manifest.memory.size)?;
     if crc32fast::hash(manifest.state.get().as_bytes()) != manifest.state_crc32 {
         return Err(Error::Checksum {
             path: dir.to_path_buf(),
@@ -292,6 +346,44 @@ pub fn open(dir: &Path) -> Result<Snapshot, Error> {
     }
     check_len(&mem_path, snap.manifest.memory.size, meta.len())?;
     Ok(snap)
+}
+
+/// Why [`read_capped`] read nothing.
+enum ReadError {
+    Io(io::Error),
+    /// The file is larger than the cap (its size, or cap + 1 if it grew).
+    TooLarge(u64),
+}
+
+/// Reads the file at `path` if it is at most `max` bytes long. The length
+/// is checked before reading, and the read stops after `max + 1` bytes in
+/// case the file grows meanwhile.
+fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    let file = File::open(path).map_err(ReadError::Io)?;
+    let len = file.metadata().map_err(ReadError::Io)?.len();
+    if len > max {
+        return Err(ReadError::TooLarge(len));
+    }
+    let mut text = Vec::with_capacity(len as usize);
+    file.take(max + 1)
+        .read_to_end(&mut text)
+        .map_err(ReadError::Io)?;
+    if text.len() as u64 > max {
+        return Err(ReadError::TooLarge(text.len() as u64));
+    }
+    Ok(text)
+}
+
+/// Checks a memory size a manifest declares (or a memory file has): nonzero,
+/// a whole number of pages, at most [`MAX_MEMORY_SIZE`].
+fn check_memory_size(dir: &Path, size: u64) -> Result<(), Error> {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) || size > MAX_MEMORY_SIZE {
+        return Err(Error::MemorySize {
+            path: dir.to_path_buf(),
+            size,
+        });
+    }
+    Ok(())
 }
 
 /// Parses a manifest in two steps, so that a manifest of another version is

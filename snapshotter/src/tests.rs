@@ -69,16 +69,16 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(String) -> String) {
 fn write_manifest_then_open_round_trips() {
     let root = TempDir::new().unwrap();
     let dir = root.path();
-    fs::write(dir.join(MEMORY_FILE), [7u8; 12345]).unwrap();
+    fs::write(dir.join(MEMORY_FILE), [7u8; 3 * PAGE]).unwrap();
     let written = write_manifest(dir, STATE, None).unwrap();
-    assert_eq!(written.memory.size, 12345);
+    assert_eq!(written.memory.size, 3 * PAGE as u64);
     assert_eq!(written.memory.crc32, None);
 
     let snap = open(dir).unwrap();
     assert_eq!(snap.state_json(), STATE);
     assert_eq!(snap.manifest.format, FORMAT);
     assert_eq!(snap.manifest.version, VERSION);
-    assert_eq!(snap.manifest.memory.size, 12345);
+    assert_eq!(snap.manifest.memory.size, 3 * PAGE as u64);
     assert_eq!(snap.manifest.memory.crc32, None);
     assert_eq!(snap.manifest.state_crc32, crc32fast::hash(STATE.as_bytes()));
     assert_eq!(snap.manifest.created_unix_s, written.created_unix_s);
@@ -147,16 +147,16 @@ fn save_copies_sparsely() {
 }
 
 #[test]
-fn save_handles_dense_unaligned_memory_and_empty_dst_dir() {
+fn save_handles_dense_memory_and_empty_dst_dir() {
     let root = TempDir::new().unwrap();
     let src_dir = root.path().join("src");
     fs::create_dir(&src_dir).unwrap();
-    // Dense, not a whole number of pages, with zero pages and a zero tail.
-    let mut mem: Vec<u8> = (0..3 * BUF + 10_000).map(|i| (i % 251) as u8).collect();
+    // Dense, not a whole number of copy buffers, with zero pages and a
+    // zero last page.
+    let mut mem: Vec<u8> = (0..3 * BUF + 3 * PAGE).map(|i| (i % 251) as u8).collect();
     mem[PAGE..3 * PAGE].fill(0);
     mem[BUF..BUF + PAGE].fill(0);
-    // The last, partial page is all zeros too.
-    let tail = mem.len() - mem.len() % PAGE;
+    let tail = mem.len() - PAGE;
     mem[tail..].fill(0);
     fs::write(src_dir.join(MEMORY_FILE), &mem).unwrap();
     write_manifest(&src_dir, "null", Some(crc32fast::hash(&mem))).unwrap();
@@ -482,5 +482,91 @@ fn timing() {
         verify_memory(&dst).unwrap();
         let verify_t = t.elapsed();
         println!("{name}: open {open_t:?}, save {save_t:?}, verify {verify_t:?}; {stats:?}");
+    }
+}
+
+#[test]
+fn an_oversized_manifest_is_refused_unread() {
+    let root = TempDir::new().unwrap();
+    let dir = make_snapshot(root.path(), "s", PAGE as u64, &[]);
+    // Sparse: 64 MiB and one byte of manifest cost nothing on disk, and
+    // open must not read them.
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dir.join(MANIFEST_FILE))
+        .unwrap();
+    f.set_len(MAX_MANIFEST_SIZE + 1).unwrap();
+    let err = open(&dir).unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { size, max: MAX_MANIFEST_SIZE, .. } if size == MAX_MANIFEST_SIZE + 1),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("more than the 67108864 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn capped_reads_stop_at_the_cap() {
+    let root = TempDir::new().unwrap();
+    let path = root.path().join("f");
+    fs::write(&path, b"0123456789a").unwrap();
+    assert!(matches!(
+        read_capped(&path, 10),
+        Err(ReadError::TooLarge(11))
+    ));
+    assert_eq!(read_capped(&path, 11).ok().unwrap(), b"0123456789a");
+    assert!(matches!(
+        read_capped(&root.path().join("nope"), 10),
+        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound
+    ));
+}
+
+#[test]
+fn memory_sizes_must_be_whole_pages_and_sane() {
+    let root = TempDir::new().unwrap();
+    let dir = make_snapshot(root.path(), "s", 2 * PAGE as u64, &[]);
+    let good = fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    let declared = format!("\"size\": {}", 2 * PAGE);
+    assert!(good.contains(&declared), "{good}");
+    for size in [
+        0,
+        PAGE as u64 + 1,
+        12345,
+        MAX_MEMORY_SIZE + PAGE as u64,
+        u64::MAX,
+    ] {
+        fs::write(
+            dir.join(MANIFEST_FILE),
+            good.replace(&declared, &format!("\"size\": {size}")),
+        )
+        .unwrap();
+        let err = open(&dir).unwrap_err();
+        assert!(
+            matches!(&err, Error::MemorySize { size: s, path } if *s == size && path == &dir),
+            "{size}: {err}"
+        );
+        assert!(
+            err.to_string().contains("a nonzero multiple of 4096"),
+            "{err}"
+        );
+    }
+    // The largest size passes this check (and fails on the file's length).
+    fs::write(
+        dir.join(MANIFEST_FILE),
+        good.replace(&declared, &format!("\"size\": {MAX_MEMORY_SIZE}")),
+    )
+    .unwrap();
+    assert!(matches!(open(&dir), Err(Error::Truncated { .. })));
+
+    // The writer refuses what the reader would.
+    for len in [0, 12345] {
+        let other = root.path().join(format!("w{len}"));
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join(MEMORY_FILE), vec![1u8; len]).unwrap();
+        let err = write_manifest(&other, STATE, None).unwrap_err();
+        assert!(matches!(err, Error::MemorySize { .. }), "{err}");
+        assert!(!other.join(MANIFEST_FILE).exists());
     }
 }

@@ -1,8 +1,16 @@
 //! Assembles a microVM from its launch description ([`proto::launch`]) and
-//! runs it to its end.
+//! runs it to its end: boots one, or restores a clone from a snapshot, and
+//! freezes a master into one.
+//!
+//! It owns the order things are built in and the device layout (which
+//! device at which MMIO window and GSI). It saves and restores devices only
+//! through [`Persist`], in a loop: what each device saves, and what it
+//! checks when restoring, is the device's own `persist.rs`. It must not
+//! parse snapshot state itself ([`crate::snapshot`] does) nor hold
+//! device-specific restore code beyond building the constructor args.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,15 +27,20 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootSpec};
 use crate::ctl::{CtlListener, Pending};
 use crate::devices::legacy::console::{ConsoleSink, ConsoleState};
+use crate::devices::legacy::persist::{SerialConstructorArgs, SerialRestoreError, SerialState};
 use crate::devices::legacy::{
     EventFdTrigger, FnTrigger, SerialDevice, I8042, I8042_PORT_BASE, SERIAL_PORT_BASE,
 };
-use crate::devices::virtio::{MmioTransport, Rng, VirtioDevice, Vsock};
+use crate::devices::virtio::persist::{DeviceRestoreError, MmioConstructorArgs};
+use crate::devices::virtio::{self, MmioTransport, Rng, Vsock};
+use crate::error_chain;
 use crate::layout::*;
 use crate::memory;
-use crate::snapshot::{DeviceKind, DeviceSnapshot, SerialSnapshot, VmSnapshot};
-use crate::vstate::control::RunControl;
-use crate::vstate::state::{readable_msrs, VmState};
+use crate::persist::Persist;
+use crate::snapshot::{self, CheckError, DeviceSnapshot, VmSnapshot, MAX_VIRTIO_DEVICES};
+use crate::vstate::control::{ControlError, RunControl};
+use crate::vstate::fingerprint::{HostFingerprint, ProbeError};
+use crate::vstate::state::{readable_msrs, StateError, VmState};
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuStop};
 use crate::vstate::vm;
 use proto::ctl::{CtlRequest, CtlResponse};
@@ -38,8 +51,8 @@ use proto::launch::{BootSource, ConsoleTarget, VmmLaunch};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Invalid configuration.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// KVM VM setup failed.
     #[error(transparent)]
     Vm(#[from] vm::VmError),
@@ -52,12 +65,63 @@ pub enum BuildError {
     /// A vCPU could not be created.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
-    /// A device could not be created.
-    #[error("device setup: {0}")]
-    Device(String),
+    /// Guest RAM for a VM that may be frozen could not be created.
+    #[error("cannot create guest RAM at {path}")]
+    GuestRam {
+        /// The memory file.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A virtio device could not be created.
+    #[error("cannot set up the {device} device")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: virtio::Error,
+    },
+    /// More virtio devices than interrupt lines.
+    #[error("the VM would have more virtio devices than this VMM has interrupt lines for ({MAX_VIRTIO_DEVICES})")]
+    TooManyDevices,
+    /// A KVM VM ioctl that wires up devices failed.
+    #[error("cannot {what} with KVM")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    /// The MSRs a freeze saves could not be listed.
+    #[error("cannot list the vCPU's MSRs, which freezing the VM saves")]
+    MsrList(#[source] StateError),
+    /// This host's fingerprint, which a freeze records, could not be read.
+    #[error("cannot read this host's CPU and KVM features, which freezing the VM records")]
+    Fingerprint(#[source] ProbeError),
+    /// The device event loop could not be set up, or failed.
+    #[error("the device event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+    /// The control socket could not be bound.
+    #[error("cannot listen on the control socket {path}")]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] io::Error),
     /// A snapshot could not be restored.
-    #[error("cannot restore the snapshot: {0}")]
-    Restore(String),
+    #[error("cannot restore the snapshot")]
+    Restore(#[from] RestoreError),
     /// Console file.
     #[error("cannot open console log {path}: {source}")]
     Console {
@@ -67,6 +131,86 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A launch description that cannot be a VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// No RAM.
+    #[error("guest memory must be at least 1 MiB (got 0)")]
+    NoMemory,
+    /// More RAM than the host.
+    #[error("guest memory of {mib} MiB is more than this host has ({host_mib} MiB)")]
+    MemoryExceedsHost {
+        /// Asked for.
+        mib: u64,
+        /// The host's.
+        host_mib: u64,
+    },
+    /// No vCPU, or too many.
+    #[error("vCPU count must be 1..={MAX_VCPUS} (got {0})")]
+    VcpuCount(u8),
+    /// A reserved or too large vsock CID.
+    #[error("guest CID must be 3..=2^32-1 (got {0})")]
+    GuestCid(u64),
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot is not one this VMM can restore on this host.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// Its memory file could not be opened.
+    #[error("cannot open the snapshot's memory {path}")]
+    MemoryFile {
+        /// The memory file.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The VM's KVM state (irqchip, PIT, clock) was refused.
+    #[error("cannot restore the VM's interrupt controllers, PIT and clock")]
+    Vm(#[source] StateError),
+    /// A vCPU's state was refused.
+    #[error("cannot restore vCPU {index}")]
+    Vcpu {
+        /// vCPU index.
+        index: u8,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+    /// A virtio device's state was refused.
+    #[error("cannot restore virtio device {index}")]
+    Device {
+        /// Its position (and MMIO window).
+        index: usize,
+        /// Why.
+        #[source]
+        source: DeviceRestoreError,
+    },
+    /// The serial port's state was refused.
+    #[error("cannot restore the serial port")]
+    Serial(#[source] SerialRestoreError),
+}
+
+/// Why a freeze failed (the VM then runs on).
+#[derive(Debug, thiserror::Error)]
+enum FreezeError {
+    /// The vCPUs did not all pause and save their state.
+    #[error("cannot pause the vCPUs")]
+    Pause(#[source] ControlError),
+    /// The VM's KVM state could not be read.
+    #[error("cannot save the VM's interrupt controllers, PIT and clock")]
+    VmState(#[source] StateError),
+    /// The state could not be serialized.
+    #[error("cannot serialize the VM state")]
+    Serialize(#[source] serde_json::Error),
+    /// The manifest could not be written.
+    #[error("cannot write the snapshot")]
+    Write(#[source] snapshotter::Error),
 }
 
 /// How the VM ended.
@@ -84,28 +228,21 @@ pub const MAX_VCPUS: u8 = boot::mptable::MAX_VCPUS;
 /// Checks a configuration before anything is created.
 pub fn validate(cfg: &BootSource) -> Result<(), BuildError> {
     if cfg.memory_mib == 0 {
-        return Err(BuildError::Config(
-            "guest memory must be at least 1 MiB (got 0)".into(),
-        ));
+        return Err(ConfigError::NoMemory.into());
     }
     let host_mib = host_memory_mib();
     if cfg.memory_mib > host_mib {
-        return Err(BuildError::Config(format!(
-            "guest memory of {} MiB is more than this host has ({host_mib} MiB)",
-            cfg.memory_mib
-        )));
+        return Err(ConfigError::MemoryExceedsHost {
+            mib: cfg.memory_mib,
+            host_mib,
+        }
+        .into());
     }
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-        return Err(BuildError::Config(format!(
-            "vCPU count must be 1..={MAX_VCPUS} (got {})",
-            cfg.vcpus
-        )));
+        return Err(ConfigError::VcpuCount(cfg.vcpus).into());
     }
     if cfg.guest_cid < 3 || cfg.guest_cid > u64::from(u32::MAX) {
-        return Err(BuildError::Config(format!(
-            "guest CID must be 3..=2^32-1 (got {})",
-            cfg.guest_cid
-        )));
+        return Err(ConfigError::GuestCid(cfg.guest_cid).into());
     }
     Ok(())
 }
@@ -131,6 +268,21 @@ struct DeviceBus {
     serial: Mutex<SerialDevice>,
     i8042: Mutex<I8042>,
     virtio: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+}
+
+/// A virtio device attached to the VM: its window, its interrupt line and
+/// the transport (with the model inside), shared by the vCPUs (MMIO) and
+/// the event loop (queues).
+struct VirtioSlot {
+    base: u64,
+    gsi: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Locks `m`, also after a thread panicked holding it: a freeze saves what
+/// is there, as the device paths do.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DeviceBus {
@@ -226,7 +378,7 @@ pub fn kernel_cmdline(image_cmdline: &str, devices: &[(u64, u32)]) -> String {
 /// A VM assembled (booted or restored) but not yet running.
 struct Machine {
     vmfd: VmFd,
-    devices: Vec<(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)>,
+    devices: Vec<VirtioSlot>,
     bus: Arc<DeviceBus>,
     vcpus: Vec<Vcpu>,
     console_state: Arc<ConsoleState>,
@@ -242,35 +394,43 @@ struct FreezeTarget {
     dir: PathBuf,
     msr_indices: Vec<u32>,
     memory_mib: u64,
-    guest_cid: u64,
     cmdline: String,
+    /// This host, read when the VM was built (a master never moves).
+    host: HostFingerprint,
 }
 
-fn device_err(what: &'static str) -> impl Fn(String) -> BuildError {
-    move |e| BuildError::Device(format!("{what}: {e}"))
+fn device_err(device: &'static str) -> impl Fn(virtio::Error) -> BuildError {
+    move |source| BuildError::Device { device, source }
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
 }
 
 /// Registers `dev`'s queue notifications and interrupt with KVM at the next
 /// virtio window and adds it to `devices`.
 fn attach_virtio(
     vmfd: &VmFd,
-    devices: &mut Vec<(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)>,
-    kind: DeviceKind,
+    devices: &mut Vec<VirtioSlot>,
     dev: MmioTransport,
 ) -> Result<(), BuildError> {
     let index = devices.len() as u64;
     let base = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE;
     let gsi = VIRTIO_FIRST_GSI + index as u32;
     if gsi > MAX_GSI {
-        return Err(BuildError::Device("too many virtio devices".into()));
+        return Err(BuildError::TooManyDevices);
     }
     for (q, evt) in dev.queue_events().iter().enumerate() {
         vmfd.register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
-            .map_err(|e| BuildError::Device(format!("ioeventfd: {e}")))?;
+            .map_err(kvm_err("register a queue ioeventfd"))?;
     }
     vmfd.register_irqfd(dev.interrupt_evt(), gsi)
-        .map_err(|e| BuildError::Device(format!("irqfd: {e}")))?;
-    devices.push((kind, base, gsi, Arc::new(Mutex::new(dev))));
+        .map_err(kvm_err("register a device irqfd"))?;
+    devices.push(VirtioSlot {
+        base,
+        gsi,
+        transport: Arc::new(Mutex::new(dev)),
+    });
     Ok(())
 }
 
@@ -295,30 +455,26 @@ fn console_writer(console: &ConsoleTarget) -> Result<Option<Box<dyn Write + Send
 fn device_bus(
     vmfd: &VmFd,
     console: &ConsoleTarget,
-    serial_state: Option<&SerialSnapshot>,
-    devices: &[(DeviceKind, u64, u32, Arc<Mutex<MmioTransport>>)],
+    serial_state: Option<&SerialState>,
+    devices: &[VirtioSlot],
     control: &Arc<RunControl>,
     events: &Arc<EventSink>,
 ) -> Result<(Arc<DeviceBus>, Arc<ConsoleState>), BuildError> {
     let console_state = Arc::new(ConsoleState::default());
-    let serial_evt = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vmfd.register_irqfd(&serial_evt, SERIAL_GSI)
-        .map_err(|e| BuildError::Device(format!("serial irqfd: {e}")))?;
-    let sink = ConsoleSink::new(
-        console_writer(console)?,
-        console_state.clone(),
-        events.clone(),
-    );
+        .map_err(kvm_err("register the serial irqfd"))?;
+    let args = SerialConstructorArgs {
+        interrupt: EventFdTrigger(serial_evt),
+        out: ConsoleSink::new(
+            console_writer(console)?,
+            console_state.clone(),
+            events.clone(),
+        ),
+    };
     let serial = match serial_state {
-        None => SerialDevice::new(EventFdTrigger(serial_evt), sink),
-        Some(state) => SerialDevice::from_state(
-            &state.into(),
-            EventFdTrigger(serial_evt),
-            vm_superio::serial::NoEvents,
-            sink,
-        )
-        .map_err(|e| BuildError::Device(format!("serial state: {e:?}")))?,
+        None => SerialDevice::new(args.interrupt, args.out),
+        Some(state) => SerialDevice::restore(args, state).map_err(RestoreError::Serial)?,
     };
     let reset_control = control.clone();
     let i8042 = I8042::new(FnTrigger(Arc::new(move || reset_control.stop())));
@@ -327,7 +483,7 @@ fn device_bus(
         i8042: Mutex::new(i8042),
         virtio: devices
             .iter()
-            .map(|(_, base, _, dev)| (*base, dev.clone()))
+            .map(|d| (d.base, d.transport.clone()))
             .collect(),
     });
     Ok((bus, console_state))
@@ -348,11 +504,9 @@ fn boot_memory(cfg: &BootSource) -> Result<File, BuildError> {
                 .mode(0o600)
                 .open(&path)
                 .and_then(|f| f.set_len(size).map(|_| f))
-                .map_err(|e| {
-                    BuildError::Config(format!(
-                        "cannot create guest RAM at {}: {e}",
-                        path.display()
-                    ))
+                .map_err(|source| BuildError::GuestRam {
+                    path: path.clone(),
+                    source,
                 })?;
             Ok(file)
         }
@@ -377,16 +531,13 @@ pub fn run_vm(
     // Devices first: the command line names them.
     let mut devices = Vec::new();
     if let Some(uds) = &launch.vsock {
-        let vsock =
-            Vsock::new(cfg.guest_cid, uds).map_err(|e| device_err("vsock")(e.to_string()))?;
-        let t = MmioTransport::new(Box::new(vsock), mem.clone())
-            .map_err(|e| device_err("vsock")(e.to_string()))?;
-        attach_virtio(&vmfd, &mut devices, DeviceKind::Vsock, t)?;
+        let vsock = Vsock::new(cfg.guest_cid, uds).map_err(device_err("vsock"))?;
+        let t = MmioTransport::new(Box::new(vsock), mem.clone()).map_err(device_err("vsock"))?;
+        attach_virtio(&vmfd, &mut devices, t)?;
     }
-    let t = MmioTransport::new(Box::new(Rng::new()), mem.clone())
-        .map_err(|e| device_err("rng")(e.to_string()))?;
-    attach_virtio(&vmfd, &mut devices, DeviceKind::Rng, t)?;
-    let declared: Vec<(u64, u32)> = devices.iter().map(|d| (d.1, d.2)).collect();
+    let t = MmioTransport::new(Box::new(Rng::new()), mem.clone()).map_err(device_err("rng"))?;
+    attach_virtio(&vmfd, &mut devices, t)?;
+    let declared: Vec<(u64, u32)> = devices.iter().map(|d| (d.base, d.gsi)).collect();
 
     let cmdline = kernel_cmdline(&cfg.cmdline, &declared);
     let info = boot::load_guest(
@@ -412,11 +563,10 @@ pub fn run_vm(
         None => None,
         Some(dir) => Some(FreezeTarget {
             dir: dir.clone(),
-            msr_indices: readable_msrs(&kvm, vcpus[0].fd())
-                .map_err(|e| BuildError::Device(format!("MSR list: {e}")))?,
+            msr_indices: readable_msrs(&kvm, vcpus[0].fd()).map_err(BuildError::MsrList)?,
             memory_mib: cfg.memory_mib,
-            guest_cid: cfg.guest_cid,
             cmdline,
+            host: HostFingerprint::of_host(&kvm).map_err(BuildError::Fingerprint)?,
         }),
     };
     let machine = Machine {
@@ -432,11 +582,6 @@ pub fn run_vm(
     run_machine(machine, launch.control.as_deref(), events)
 }
 
-/// Errors specific to restoring.
-fn restore_err(e: impl std::fmt::Display) -> BuildError {
-    BuildError::Restore(e.to_string())
-}
-
 /// Starts a VM from a snapshot: guest RAM is the snapshot's memory file
 /// mapped copy-on-write (nothing is copied up front), then VM, vCPU and
 /// device state are restored and the vCPUs resume where the master stopped.
@@ -449,9 +594,10 @@ pub fn restore_vm(
     run_restored(&prepared, launch, events)
 }
 
-/// A snapshot read and its memory mapped: everything of a restore that
-/// does not involve KVM. (A process that holds one can `fork()` clones
-/// that only do the KVM part: see [`crate::fork_bench`].)
+/// A snapshot read, checked against this host, and its memory mapped:
+/// everything of a restore but building the VM. A process that holds one
+/// can `fork()` clones that only build their VM: see the bench crate's
+/// `fork_bench`.
 pub struct PreparedRestore {
     state: VmSnapshot,
     mem: GuestMemoryMmap,
@@ -460,11 +606,10 @@ pub struct PreparedRestore {
 /// Reads and checks the snapshot at `dir` and maps its memory
 /// copy-on-write.
 pub fn prepare_restore(dir: &std::path::Path) -> Result<PreparedRestore, BuildError> {
-    let snap = snapshotter::open(dir).map_err(restore_err)?;
-    let state = VmSnapshot::read(&snap).map_err(restore_err)?;
+    let (snap, state) = snapshot::open(dir).map_err(RestoreError::Check)?;
     // Read-only: the master's RAM is never written through this file.
-    let file = File::open(snap.memory_path())
-        .map_err(|e| restore_err(format!("cannot open {}: {e}", snap.memory_path().display())))?;
+    let path = snap.memory_path();
+    let file = File::open(&path).map_err(|source| RestoreError::MemoryFile { path, source })?;
     let mem = memory::map_guest_memory(&file, snap.manifest.memory.size, libc::MAP_PRIVATE)?;
     Ok(PreparedRestore { state, mem })
 }
@@ -476,34 +621,41 @@ pub fn run_restored(
     launch: &VmmLaunch,
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
+    let machine = restore_machine(prepared, launch, &events)?;
+    run_machine(machine, None, events)
+}
+
+/// Builds the VM of a prepared snapshot: KVM VM, vCPUs and devices, each
+/// from its saved state.
+fn restore_machine(
+    prepared: &PreparedRestore,
+    launch: &VmmLaunch,
+    events: &Arc<EventSink>,
+) -> Result<Machine, BuildError> {
     let PreparedRestore { state, mem } = prepared;
     let mem = mem.clone();
     let kvm = vm::open_kvm()?;
     let vmfd = vm::create_vm(&kvm, &mem)?;
-    state.vm.restore(&vmfd).map_err(restore_err)?;
+    state.vm.restore(&vmfd).map_err(RestoreError::Vm)?;
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for s in &state.vcpus {
-        vcpus.push(Vcpu::restore(&vmfd, s).map_err(restore_err)?);
+        let vcpu = Vcpu::restore(&vmfd, s).map_err(|source| RestoreError::Vcpu {
+            index: s.index,
+            source,
+        })?;
+        vcpus.push(vcpu);
     }
 
     let mut devices = Vec::new();
-    for d in &state.devices {
-        let model: Box<dyn VirtioDevice> = match d.kind {
-            DeviceKind::Vsock => {
-                let Some(uds) = &launch.vsock else {
-                    return Err(restore_err("the snapshot has a vsock device: give --vsock"));
-                };
-                Box::new(
-                    Vsock::new(state.guest_cid, uds)
-                        .map_err(|e| device_err("vsock")(e.to_string()))?,
-                )
-            }
-            DeviceKind::Rng => Box::new(Rng::new()),
+    for (index, d) in state.devices.iter().enumerate() {
+        let args = MmioConstructorArgs {
+            mem: mem.clone(),
+            vsock_uds: launch.vsock.clone(),
         };
-        let t = MmioTransport::restore(model, mem.clone(), &d.mmio)
-            .map_err(|e| restore_err(format!("{:?} device: {e}", d.kind)))?;
-        attach_virtio(&vmfd, &mut devices, d.kind, t)?;
+        let t = MmioTransport::restore(args, &d.device)
+            .map_err(|source| RestoreError::Device { index, source })?;
+        attach_virtio(&vmfd, &mut devices, t)?;
     }
     let control = Arc::new(RunControl::default());
     let (bus, console_state) = device_bus(
@@ -512,9 +664,9 @@ pub fn run_restored(
         Some(&state.serial),
         &devices,
         &control,
-        &events,
+        events,
     )?;
-    let machine = Machine {
+    Ok(Machine {
         vmfd,
         devices,
         bus,
@@ -523,8 +675,7 @@ pub fn run_restored(
         control,
         freeze: None,
         _mem: mem,
-    };
-    run_machine(machine, None, events)
+    })
 }
 
 /// Pauses every vCPU and writes the snapshot. On failure the VM resumes.
@@ -538,48 +689,11 @@ fn freeze<T>(m: &Machine, target: &FreezeTarget, threads: &[JoinHandle<T>]) -> C
         Ok(v) => v,
         Err(e) => {
             m.control.resume();
-            return CtlResponse::err(format!("pausing the vCPUs: {e}"));
+            return CtlResponse::err(error_chain(&FreezeError::Pause(e)));
         }
     };
     let paused = Instant::now();
-    let result = (|| -> Result<u64, String> {
-        let vm = VmState::save(&m.vmfd).map_err(|e| e.to_string())?;
-        let devices = m
-            .devices
-            .iter()
-            .map(|(kind, base, gsi, dev)| DeviceSnapshot {
-                kind: *kind,
-                base: *base,
-                gsi: *gsi,
-                mmio: dev.lock().unwrap_or_else(|e| e.into_inner()).save_state(),
-            })
-            .collect();
-        let serial = m
-            .bus
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state()
-            .into();
-        let snap = VmSnapshot {
-            memory_mib: target.memory_mib,
-            guest_cid: target.guest_cid,
-            cmdline: target.cmdline.clone(),
-            vm,
-            vcpus,
-            devices,
-            serial,
-        };
-        let json = serde_json::to_string(&snap).map_err(|e| e.to_string())?;
-        snapshotter::write_manifest(&target.dir, &json, None).map_err(|e| e.to_string())?;
-        // The master's RAM is final: nobody writes it again.
-        let _ = std::fs::set_permissions(
-            target.dir.join(snapshotter::MEMORY_FILE),
-            std::fs::Permissions::from_mode(0o400),
-        );
-        Ok(json.len() as u64)
-    })();
-    match result {
+    match write_snapshot(m, target, vcpus) {
         Ok(state_bytes) => CtlResponse {
             ok: true,
             error: None,
@@ -589,9 +703,46 @@ fn freeze<T>(m: &Machine, target: &FreezeTarget, threads: &[JoinHandle<T>]) -> C
         },
         Err(e) => {
             m.control.resume();
-            CtlResponse::err(format!("saving the VM state: {e}"))
+            CtlResponse::err(error_chain(&e))
         }
     }
+}
+
+/// Saves the paused VM (whose vCPUs saved `vcpus`) and every device into
+/// the snapshot's manifest; returns the state's size.
+fn write_snapshot(
+    m: &Machine,
+    target: &FreezeTarget,
+    vcpus: Vec<crate::vstate::state::VcpuState>,
+) -> Result<u64, FreezeError> {
+    let vm = VmState::save(&m.vmfd).map_err(FreezeError::VmState)?;
+    let devices = m
+        .devices
+        .iter()
+        .map(|d| DeviceSnapshot {
+            base: d.base,
+            gsi: d.gsi,
+            device: lock(&d.transport).save(),
+        })
+        .collect();
+    let snap = VmSnapshot {
+        state_version: snapshot::STATE_VERSION,
+        host: target.host.clone(),
+        memory_mib: target.memory_mib,
+        cmdline: target.cmdline.clone(),
+        vm,
+        vcpus,
+        devices,
+        serial: lock(&m.bus.serial).save(),
+    };
+    let json = serde_json::to_string(&snap).map_err(FreezeError::Serialize)?;
+    snapshotter::write_manifest(&target.dir, &json, None).map_err(FreezeError::Write)?;
+    // The master's RAM is final: nobody writes it again.
+    let _ = std::fs::set_permissions(
+        target.dir.join(snapshotter::MEMORY_FILE),
+        std::fs::Permissions::from_mode(0o400),
+    );
+    Ok(json.len() as u64)
 }
 
 fn ms(a: Instant, b: Instant) -> f64 {
@@ -605,25 +756,25 @@ fn run_machine(
     ctl_path: Option<&std::path::Path>,
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| BuildError::Device(format!("eventfd: {e}")))?;
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| BuildError::Device(format!("event manager: {e:?}")))?;
-    for (_, _, _, dev) in &m.devices {
-        manager.add_subscriber(dev.clone());
+        EventManager::new().map_err(BuildError::EventLoop)?;
+    for d in &m.devices {
+        manager.add_subscriber(d.transport.clone());
     }
     let fired = Arc::new(AtomicBool::new(false));
-    let watcher_evt = exit_evt
-        .try_clone()
-        .map_err(|e| BuildError::Device(e.to_string()))?;
+    let watcher_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
         evt: watcher_evt,
         fired: fired.clone(),
     })));
     let pending: Arc<Mutex<Option<Pending>>> = Arc::new(Mutex::new(None));
     if let Some(path) = ctl_path {
-        let listener = CtlListener::bind(path, pending.clone())
-            .map_err(|e| BuildError::Device(format!("control socket {}: {e}", path.display())))?;
+        let listener =
+            CtlListener::bind(path, pending.clone()).map_err(|source| BuildError::Control {
+                path: path.to_path_buf(),
+                source,
+            })?;
         manager.add_subscriber(Arc::new(Mutex::new(listener)));
     }
 
@@ -633,9 +784,7 @@ fn run_machine(
         let bus = m.bus.clone();
         let control = m.control.clone();
         let first_stop = first_stop.clone();
-        let exit_evt = exit_evt
-            .try_clone()
-            .map_err(|e| BuildError::Device(e.to_string()))?;
+        let exit_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
         let events = events.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index()))
@@ -657,7 +806,7 @@ fn run_machine(
                 }
                 let _ = exit_evt.write(1);
             })
-            .map_err(|e| BuildError::Device(format!("vCPU thread: {e}")))?;
+            .map_err(BuildError::Thread)?;
         threads.push(handle);
     }
 
@@ -665,7 +814,7 @@ fn run_machine(
     while !fired.load(Ordering::SeqCst) {
         if let Err(e) = manager.run() {
             if !matches!(e, event_manager::Error::Epoll(ref io) if io.errno() == libc::EINTR) {
-                return Err(BuildError::Device(format!("device event loop: {e:?}")));
+                return Err(BuildError::EventLoop(e));
             }
         }
         let request = pending.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -1,12 +1,15 @@
 //! `zygote-vmm`: runs one microVM in this process. Started by the `zygote`
 //! tools with arguments from [`proto::launch::VmmLaunch::to_args`]; not
-//! meant to be run by hand (but it can be: `--help`).
+//! meant to be run by hand (but it can be: `--help`). It parses, runs and
+//! reports (errors with their causes, [`vmm::error_chain`]); it must not
+//! hold VMM logic, which is the library's.
 
 use std::sync::Arc;
 
 use proto::events::{now_us, Event, EventSink, ExitReason};
 use proto::launch::{Parsed, SnapshotCheck, VmSource, VmmLaunch, USAGE};
 use vmm::builder::{restore_vm, run_vm};
+use vmm::error_chain;
 
 fn main() {
     let started = now_us();
@@ -39,7 +42,7 @@ fn main() {
                 vcpus: s.vcpus.len() as u8,
             },
             Err(e) => SnapshotCheck {
-                error: Some(e.to_string()),
+                error: Some(error_chain(&e)),
                 ..Default::default()
             },
         };
@@ -69,19 +72,4 @@ fn main() {
         message,
     });
     std::process::exit(reason.exit_code());
-}
-
-/// An error and its causes, once each: "a: b: c".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }

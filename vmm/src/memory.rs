@@ -1,5 +1,9 @@
 //! Guest RAM: one memfd, mapped shared into this process and registered
 //! with KVM. The memfd is what a clone receives later (copy-on-write).
+//!
+//! It owns the RAM layout ([`ram_regions`]: the MMIO gap stays a hole) and
+//! the mappings. It must not map a master's memory file shared in a clone:
+//! a clone's writes go to its private copy-on-write pages only.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -23,9 +27,29 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// The memory file could not be duplicated for a mapping.
+    #[error("cannot duplicate the guest RAM file descriptor")]
+    Dup(#[source] std::io::Error),
     /// Mapping guest RAM failed.
-    #[error("cannot map guest RAM: {0}")]
-    Mmap(String),
+    #[error("cannot map {len} bytes of guest RAM")]
+    Mmap {
+        /// The region's length.
+        len: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A region would reach past the end of the guest address space.
+    #[error("guest RAM region at {addr:#x} of {len} bytes overflows the address space")]
+    RegionOverflow {
+        /// Its guest address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The regions do not form a valid guest memory.
+    #[error("the guest RAM regions do not form a guest memory")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
 /// Guest RAM regions (guest address, length, offset in the memfd) for `size` bytes.
@@ -73,21 +97,19 @@ pub fn map_guest_memory(
 ) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     for (addr, len, offset) in ram_regions(size) {
-        let file = memfd
-            .try_clone()
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let file = memfd.try_clone().map_err(MemoryError::Dup)?;
         let mmap = MmapRegion::build(
             Some(FileOffset::new(file, offset)),
             len as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             flags | libc::MAP_NORESERVE,
         )
-        .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        .map_err(|source| MemoryError::Mmap { len, source })?;
         let region = GuestRegionMmap::new(mmap, addr)
-            .ok_or_else(|| MemoryError::Mmap("region overflows the address space".into()))?;
+            .ok_or(MemoryError::RegionOverflow { addr: addr.0, len })?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Mmap(e.to_string()))
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //! Before parking, a vCPU re-enters `KVM_RUN` once with `immediate_exit` set,
 //! so that an I/O read it was handed completes inside KVM instead of being
 //! lost from the saved state.
+//!
+//! It owns the pause/resume/stop protocol between threads; it must not
+//! touch KVM itself (a vCPU saves its own state, on its own thread, through
+//! the closure it parks with).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::state::VcpuState;
+use super::state::{StateError, VcpuState};
 
 /// Errors pausing vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -35,16 +39,17 @@ pub enum ControlError {
         timeout: Duration,
     },
     /// A vCPU could not save its state.
-    #[error("vCPU {index}: {message}")]
+    #[error("vCPU {index} could not save its state")]
     Save {
         /// vCPU index.
         index: u8,
         /// What failed.
-        message: String,
+        #[source]
+        source: StateError,
     },
-    /// The kick signal could not be set up or sent.
-    #[error("cannot signal vCPU threads: {0}")]
-    Signal(String),
+    /// The kick signal's handler could not be installed.
+    #[error("cannot install the signal handler that kicks vCPU threads out of the guest")]
+    Signal(#[source] vmm_sys_util::errno::Error),
 }
 
 #[derive(Default)]
@@ -56,7 +61,7 @@ struct Shared {
 
 struct SaveRequest {
     msr_indices: Vec<u32>,
-    results: BTreeMap<u8, Result<VcpuState, String>>,
+    results: BTreeMap<u8, Result<VcpuState, StateError>>,
 }
 
 /// Shared by the VMM and all vCPU threads of one VM.
@@ -80,8 +85,7 @@ pub fn install_kick_handler() -> Result<(), ControlError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), kick_handler)
-            .map_err(|e| ControlError::Signal(e.to_string()));
+        result = register_signal_handler(kick_signal(), kick_handler).map_err(ControlError::Signal);
     });
     result
 }
@@ -110,7 +114,7 @@ impl RunControl {
 
     /// Called by a vCPU thread at a clean point: saves its state if asked
     /// (with `save`), then waits until resumed or stopped.
-    pub fn park(&self, index: u8, save: impl FnOnce(&[u32]) -> Result<VcpuState, String>) {
+    pub fn park(&self, index: u8, save: impl FnOnce(&[u32]) -> Result<VcpuState, StateError>) {
         let mut shared = self.lock();
         if let Some(req) = shared.save.as_mut() {
             if !req.results.contains_key(&index) {
@@ -188,7 +192,7 @@ impl RunControl {
         };
         req.results
             .into_iter()
-            .map(|(index, r)| r.map_err(|message| ControlError::Save { index, message }))
+            .map(|(index, r)| r.map_err(|source| ControlError::Save { index, source }))
             .collect()
     }
 

@@ -1,7 +1,11 @@
-//! KVM objects: the VM (memory slots, irqchip, PIT) and its vCPUs.
+//! KVM objects: the VM (memory slots, irqchip, PIT) and its vCPUs, their
+//! saved state ([`state`]), and the host fingerprint that state depends on
+//! ([`fingerprint`]). Only this module and its children issue KVM vCPU and
+//! VM ioctls; devices must not.
 
 pub mod control;
 pub mod cpuid;
+pub mod fingerprint;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -185,8 +185,12 @@ impl VcpuState {
             .map_err(kvm_err("set registers"))?;
         vcpu.set_sregs(&self.sregs)
             .map_err(kvm_err("set special registers"))?;
-        // SAFETY: the buffer is a `kvm_xsave` that KVM produced for a vCPU
-        // with the same CPUID, so its size matches what KVM expects.
+        // SAFETY: KVM_SET_XSAVE copies more than the 4096-byte `kvm_xsave`
+        // only for XSTATE features a process enabled dynamically
+        // (arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM), AMX); zygote-vmm never
+        // asks for them, so KVM reads exactly `size_of::<kvm_xsave>()`
+        // bytes, all inside `self.xsave`. (Its contents are the guest's;
+        // KVM validates them.)
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("set XSAVE"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("set XCRs"))?;
         vcpu.set_debug_regs(&self.debug_regs)

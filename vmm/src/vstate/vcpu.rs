@@ -1,4 +1,8 @@
 //! vCPUs: boot-time register state and the run loop (one thread each).
+//!
+//! A vCPU thread reaches devices only through its [`Bus`] and stops or
+//! parks only through [`RunControl`]; it must not end the process or hold
+//! a device lock across `KVM_RUN`.
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -287,9 +291,7 @@ impl Vcpu {
             if control.pause_requested() {
                 self.complete_pending_io();
                 let (fd, index) = (&self.fd, self.index);
-                control.park(index, |msrs| {
-                    VcpuState::save(fd, index, msrs).map_err(|e| e.to_string())
-                });
+                control.park(index, |msrs| VcpuState::save(fd, index, msrs));
                 continue;
             }
             match self.fd.run() {

@@ -1,7 +1,10 @@
 //! Legacy PC devices on port I/O: the 8250 serial console and the i8042
-//! controller (whose reset line is how a guest ends its VM).
+//! controller (whose reset line is how a guest ends its VM); the serial
+//! port's snapshot state is in [`persist`]. The console must never stop the
+//! guest: output that cannot be written is dropped.
 
 pub mod console;
+pub mod persist;
 
 use std::sync::Arc;
 

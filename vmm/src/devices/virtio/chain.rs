@@ -4,6 +4,10 @@
 //! once, checks every descriptor (direction, bounds in guest memory, loops / truncation) and
 //! remembers the segments, which can then be read or written as one byte stream regardless of how
 //! the driver split its buffers into descriptors.
+//!
+//! Nothing here may panic or read outside guest memory on what the guest
+//! wrote: a malformed chain is an error, a corrupted ring flags the device
+//! as needing a reset.
 
 use std::num::Wrapping;
 use std::ops::Deref;
@@ -270,25 +274,42 @@ pub(crate) fn notify_on_next_avail(
         enable_notification(queue, mem, irq);
         return !irq.needs_reset();
     }
-    let result = (|| -> Result<(), String> {
+    let result = (|| -> Result<(), NotifyError> {
         let idx = queue
             .avail_idx(mem, Ordering::Acquire)
-            .map_err(|e| e.to_string())?;
+            .map_err(NotifyError::AvailIdx)?;
         // `avail_event` follows the used ring's entries.
         let addr = GuestAddress(queue.used_ring())
             .checked_add(4 + 8 * u64::from(queue.size()))
-            .ok_or("used ring address overflows")?;
+            .ok_or(NotifyError::UsedRingOverflow)?;
         mem.store(idx.0.to_le(), addr, Ordering::Release)
-            .map_err(|e| e.to_string())
+            .map_err(NotifyError::AvailEvent)
     })();
     match result {
         Ok(()) => true,
         Err(e) => {
-            warn_limited!("cannot ask for queue notifications: {e}");
+            warn_limited!(
+                "cannot ask for queue notifications: {}",
+                crate::error_chain(&e)
+            );
             irq.set_needs_reset();
             false
         }
     }
+}
+
+/// Why the device could not ask the driver for a notification.
+#[derive(Debug, thiserror::Error)]
+enum NotifyError {
+    /// The available ring's index is not readable.
+    #[error("cannot read the available ring index")]
+    AvailIdx(#[source] virtio_queue::Error),
+    /// The used ring sits at the very end of the address space.
+    #[error("the used ring's address overflows")]
+    UsedRingOverflow,
+    /// `avail_event` is not writable.
+    #[error("cannot write avail_event")]
+    AvailEvent(#[source] vm_memory::GuestMemoryError),
 }
 
 /// Re-enables guest notifications for `queue`; returns `true` if chains became available in the

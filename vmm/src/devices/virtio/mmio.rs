@@ -9,11 +9,15 @@
 //!    [`MmioTransport::write`] with the offset relative to `base`;
 //! 4. adds the `Arc<Mutex<MmioTransport>>` to the (single) `event_manager::EventManager`, which
 //!    then processes queue notifications and the device's own fds on the event-loop thread.
+//!
+//! It owns the register interface and the device status machine; saving and restoring it is
+//! [`super::persist`]'s. It must not act on a register write the status machine forbids (queue
+//! changes after `DRIVER_OK`, features the device did not offer): those are ignored, not obeyed.
 
 use std::os::unix::io::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -37,34 +41,34 @@ pub const MMIO_VERSION: u32 = 2;
 /// Vendor id reported to the guest.
 pub const MMIO_VENDOR_ID: u32 = 0;
 
-const REG_MAGIC: u64 = 0x00;
-const REG_VERSION: u64 = 0x04;
-const REG_DEVICE_ID: u64 = 0x08;
-const REG_VENDOR_ID: u64 = 0x0c;
-const REG_DEVICE_FEATURES: u64 = 0x10;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
-const REG_DRIVER_FEATURES: u64 = 0x20;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x24;
-const REG_QUEUE_SEL: u64 = 0x30;
-const REG_QUEUE_NUM_MAX: u64 = 0x34;
-const REG_QUEUE_NUM: u64 = 0x38;
-const REG_QUEUE_READY: u64 = 0x44;
-const REG_QUEUE_NOTIFY: u64 = NOTIFY_REG_OFFSET;
-const REG_INTERRUPT_STATUS: u64 = 0x60;
-const REG_INTERRUPT_ACK: u64 = 0x64;
-const REG_STATUS: u64 = 0x70;
-const REG_QUEUE_DESC_LOW: u64 = 0x80;
-const REG_QUEUE_DESC_HIGH: u64 = 0x84;
-const REG_QUEUE_AVAIL_LOW: u64 = 0x90;
-const REG_QUEUE_AVAIL_HIGH: u64 = 0x94;
-const REG_QUEUE_USED_LOW: u64 = 0xa0;
-const REG_QUEUE_USED_HIGH: u64 = 0xa4;
-const REG_SHM_SEL: u64 = 0xac;
-const REG_SHM_LEN_LOW: u64 = 0xb0;
-const REG_SHM_LEN_HIGH: u64 = 0xb4;
-const REG_SHM_BASE_LOW: u64 = 0xb8;
-const REG_SHM_BASE_HIGH: u64 = 0xbc;
-const REG_CONFIG_GENERATION: u64 = 0xfc;
+pub(crate) const REG_MAGIC: u64 = 0x00;
+pub(crate) const REG_VERSION: u64 = 0x04;
+pub(crate) const REG_DEVICE_ID: u64 = 0x08;
+pub(crate) const REG_VENDOR_ID: u64 = 0x0c;
+pub(crate) const REG_DEVICE_FEATURES: u64 = 0x10;
+pub(crate) const REG_DEVICE_FEATURES_SEL: u64 = 0x14;
+pub(crate) const REG_DRIVER_FEATURES: u64 = 0x20;
+pub(crate) const REG_DRIVER_FEATURES_SEL: u64 = 0x24;
+pub(crate) const REG_QUEUE_SEL: u64 = 0x30;
+pub(crate) const REG_QUEUE_NUM_MAX: u64 = 0x34;
+pub(crate) const REG_QUEUE_NUM: u64 = 0x38;
+pub(crate) const REG_QUEUE_READY: u64 = 0x44;
+pub(crate) const REG_QUEUE_NOTIFY: u64 = NOTIFY_REG_OFFSET;
+pub(crate) const REG_INTERRUPT_STATUS: u64 = 0x60;
+pub(crate) const REG_INTERRUPT_ACK: u64 = 0x64;
+pub(crate) const REG_STATUS: u64 = 0x70;
+pub(crate) const REG_QUEUE_DESC_LOW: u64 = 0x80;
+pub(crate) const REG_QUEUE_DESC_HIGH: u64 = 0x84;
+pub(crate) const REG_QUEUE_AVAIL_LOW: u64 = 0x90;
+pub(crate) const REG_QUEUE_AVAIL_HIGH: u64 = 0x94;
+pub(crate) const REG_QUEUE_USED_LOW: u64 = 0xa0;
+pub(crate) const REG_QUEUE_USED_HIGH: u64 = 0xa4;
+pub(crate) const REG_SHM_SEL: u64 = 0xac;
+pub(crate) const REG_SHM_LEN_LOW: u64 = 0xb0;
+pub(crate) const REG_SHM_LEN_HIGH: u64 = 0xb4;
+pub(crate) const REG_SHM_BASE_LOW: u64 = 0xb8;
+pub(crate) const REG_SHM_BASE_HIGH: u64 = 0xbc;
+pub(crate) const REG_CONFIG_GENERATION: u64 = 0xfc;
 
 /// `Events` data of the device's extra fds start here (queue eventfds use the queue index).
 const EXTRA_FD_DATA_BASE: u32 = 0x1_0000;
@@ -88,93 +92,16 @@ pub struct MmioRegisters {
     pub shm_sel: u32,
 }
 
-/// A queue's configuration and ring positions, serializable
-/// (`virtio_queue::QueueState` is not). Untrusted when read back: it goes
-/// through `Queue::try_from`, which validates it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnapshot {
-    /// Largest size the device offers.
-    pub max_size: u16,
-    /// Next available-ring entry the device reads.
-    pub next_avail: u16,
-    /// Next used-ring entry the device writes.
-    pub next_used: u16,
-    /// `VIRTIO_RING_F_EVENT_IDX` in use.
-    pub event_idx_enabled: bool,
-    /// Size the driver chose.
-    pub size: u16,
-    /// `QueueReady`.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available ring address.
-    pub avail_ring: u64,
-    /// Used ring address.
-    pub used_ring: u64,
-}
-
-impl From<QueueState> for QueueSnapshot {
-    fn from(s: QueueState) -> Self {
-        QueueSnapshot {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(s: QueueSnapshot) -> Self {
-        QueueState {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
-}
-
-/// Everything a transport and its device's queues hold, for a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MmioState {
-    /// The device type the state belongs to.
-    pub device_type: u32,
-    /// Transport registers.
-    pub regs: MmioRegisters,
-    /// Queues as programmed through the registers.
-    pub queues: Vec<QueueSnapshot>,
-    /// The activated device's live queues (their ring positions are the
-    /// ones that count); `None` when the device was not activated.
-    pub active_queues: Option<Vec<QueueSnapshot>>,
-    /// Interrupt status bits.
-    pub interrupt_status: u32,
-    /// Config generation.
-    pub config_generation: u32,
-    /// `DEVICE_NEEDS_RESET` was set.
-    pub needs_reset: bool,
-}
-
 /// A virtio-mmio (version 2) transport for one [`VirtioDevice`].
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    interrupt: Interrupt,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) interrupt: Interrupt,
     queue_evts: Vec<EventFd>,
     /// Queue configuration as programmed through the registers. After activation the device
     /// works on its own copies; these keep the register values.
-    queues: Vec<Queue>,
-    regs: MmioRegisters,
+    pub(super) queues: Vec<Queue>,
+    pub(super) regs: MmioRegisters,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -245,93 +172,6 @@ impl MmioTransport {
     /// Whether the driver has set `DRIVER_OK` and the device was activated.
     pub fn is_activated(&self) -> bool {
         self.device.is_activated()
-    }
-
-    /// The transport's and its device's queue state, for a snapshot. The
-    /// device must be quiescent (vCPUs paused, event loop not inside it).
-    pub fn save_state(&self) -> MmioState {
-        let active = self.device.queues();
-        MmioState {
-            device_type: self.device.device_type(),
-            regs: self.regs,
-            queues: self.queues.iter().map(|q| q.state().into()).collect(),
-            active_queues: (self.device.is_activated() && !active.is_empty())
-                .then(|| active.iter().map(|q| q.state().into()).collect()),
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.interrupt.config_generation(),
-            needs_reset: self.interrupt.needs_reset(),
-        }
-    }
-
-    /// Rebuilds a transport around a fresh `device` from a saved state,
-    /// re-activating the device where it was active. The state is untrusted:
-    /// a device type, queue count, feature set or queue that does not fit
-    /// is an error, not a panic.
-    pub fn restore(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        state: &MmioState,
-    ) -> Result<Self, Error> {
-        if state.device_type != device.device_type() {
-            return Err(Error::Restore(format!(
-                "state of device type {} given to device type {}",
-                state.device_type,
-                device.device_type()
-            )));
-        }
-        let mut t = Self::new(device, mem)?;
-        if state.queues.len() != t.queues.len() {
-            return Err(Error::QueueCount {
-                expected: t.queues.len(),
-                actual: state.queues.len(),
-            });
-        }
-        let queue = |i: usize, s: &QueueSnapshot, max: u16| -> Result<Queue, Error> {
-            if s.max_size != max {
-                return Err(Error::InvalidQueue(i));
-            }
-            Queue::try_from(QueueState::from(*s)).map_err(|_| Error::InvalidQueue(i))
-        };
-        let max_sizes = t.device.queue_max_sizes().to_vec();
-        for (i, s) in state.queues.iter().enumerate() {
-            t.queues[i] = queue(i, s, max_sizes[i])?;
-        }
-        t.regs = state.regs;
-        if t.regs.status & STATUS_FEATURES_OK != 0 {
-            let offered = t.device.avail_features();
-            if t.regs.driver_features & !offered != 0 {
-                return Err(Error::Restore(format!(
-                    "saved features {:#x} include some the device does not offer ({offered:#x})",
-                    t.regs.driver_features
-                )));
-            }
-            t.device.ack_features(t.regs.driver_features);
-        }
-        if let Some(active) = &state.active_queues {
-            if active.len() != max_sizes.len() {
-                return Err(Error::QueueCount {
-                    expected: max_sizes.len(),
-                    actual: active.len(),
-                });
-            }
-            let mut queues = Vec::with_capacity(active.len());
-            for (i, s) in active.iter().enumerate() {
-                let q = queue(i, s, max_sizes[i])?;
-                if !q.ready() || !q.is_valid(&t.mem) {
-                    return Err(Error::InvalidQueue(i));
-                }
-                queues.push(q);
-            }
-            t.device
-                .activate(t.mem.clone(), queues, t.interrupt.clone())?;
-            t.device.restored();
-        }
-        t.interrupt.restore(
-            state.interrupt_status,
-            state.config_generation,
-            state.needs_reset,
-        );
-        Ok(t)
     }
 
     fn selected_queue(&self) -> Option<&Queue> {
@@ -637,79 +477,11 @@ impl MutEventSubscriber for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{mem, DriverQueue};
-    use crate::devices::virtio::{read_config_bytes, VIRTIO_MMIO_INT_VRING};
+    use crate::devices::virtio::test_utils::{
+        mem, negotiate, r, setup_queue, w, DriverQueue, Dummy,
+    };
+    use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
     use std::sync::{Arc, Mutex};
-
-    /// A device that records what the transport does to it.
-    #[derive(Default)]
-    struct Dummy {
-        acked: Arc<Mutex<u64>>,
-        activated: bool,
-        processed: Arc<Mutex<Vec<usize>>>,
-        config: [u8; 8],
-        resets: Arc<Mutex<u32>>,
-        queues: Vec<Queue>,
-    }
-
-    impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            42
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
-        fn avail_features(&self) -> u64 {
-            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 1
-        }
-        fn ack_features(&mut self, features: u64) {
-            *self.acked.lock().unwrap() = features;
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            read_config_bytes(&self.config, offset, data);
-        }
-        fn write_config(&mut self, offset: u64, data: &[u8]) {
-            let o = offset as usize;
-            if o + data.len() <= 8 {
-                self.config[o..o + data.len()].copy_from_slice(data);
-            }
-        }
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryMmap,
-            queues: Vec<Queue>,
-            _interrupt: Interrupt,
-        ) -> Result<(), Error> {
-            assert_eq!(queues.len(), 2);
-            self.activated = true;
-            self.queues = queues;
-            Ok(())
-        }
-        fn queues(&self) -> &[Queue] {
-            &self.queues
-        }
-        fn is_activated(&self) -> bool {
-            self.activated
-        }
-        fn reset(&mut self) {
-            self.activated = false;
-            self.queues.clear();
-            *self.resets.lock().unwrap() += 1;
-        }
-        fn process_queue(&mut self, index: usize) {
-            self.processed.lock().unwrap().push(index);
-        }
-    }
-
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
 
     type Probes = (Arc<Mutex<u64>>, Arc<Mutex<Vec<usize>>>, Arc<Mutex<u32>>);
 
@@ -722,37 +494,6 @@ mod tests {
             MmioTransport::new(Box::new(d), mem()).unwrap(),
             (acked, processed, resets),
         )
-    }
-
-    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
-        w(t, REG_STATUS, 0);
-        w(t, REG_STATUS, STATUS_ACKNOWLEDGE);
-        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(t, REG_DRIVER_FEATURES_SEL, 0);
-        w(t, REG_DRIVER_FEATURES, features as u32);
-        w(t, REG_DRIVER_FEATURES_SEL, 1);
-        w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
-        w(
-            t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
-        r(t, REG_STATUS)
-    }
-
-    fn setup_queue(t: &mut MmioTransport, index: u32, dq: &DriverQueue) {
-        let (d, a, u) = dq.addrs();
-        w(t, REG_QUEUE_SEL, index);
-        assert_eq!(r(t, REG_QUEUE_READY), 0);
-        w(t, REG_QUEUE_NUM, u32::from(dq.size()));
-        w(t, REG_QUEUE_DESC_LOW, d as u32);
-        w(t, REG_QUEUE_DESC_HIGH, (d >> 32) as u32);
-        w(t, REG_QUEUE_AVAIL_LOW, a as u32);
-        w(t, REG_QUEUE_AVAIL_HIGH, (a >> 32) as u32);
-        w(t, REG_QUEUE_USED_LOW, u as u32);
-        w(t, REG_QUEUE_USED_HIGH, (u >> 32) as u32);
-        w(t, REG_QUEUE_READY, 1);
-        assert_eq!(r(t, REG_QUEUE_READY), 1);
     }
 
     #[test]
@@ -846,56 +587,6 @@ mod tests {
         w(&mut t, REG_STATUS, 0);
         w(&mut t, REG_DRIVER_FEATURES, 1);
         assert_eq!(t.registers().driver_features, 0);
-    }
-
-    #[test]
-    fn state_survives_save_serialize_restore_and_bad_state_is_refused() {
-        let m = mem();
-        let (mut t, _) = transport();
-        let v1 = 1u64 << VIRTIO_F_VERSION_1;
-        negotiate(&mut t, v1 | 1);
-        setup_queue(&mut t, 0, &DriverQueue::new(&m, 0x10000, 16));
-        setup_queue(&mut t, 1, &DriverQueue::new(&m, 0x20000, 8));
-        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
-        w(&mut t, REG_STATUS, ok);
-        assert!(t.is_activated());
-        let saved = t.save_state();
-        assert!(saved.active_queues.is_some());
-        let json = serde_json::to_vec(&saved).unwrap();
-        let back: MmioState = serde_json::from_slice(&json).unwrap();
-
-        let d = Dummy::default();
-        let acked = d.acked.clone();
-        let mut restored = MmioTransport::restore(Box::new(d), mem(), &back).unwrap();
-        assert!(restored.is_activated());
-        assert_eq!(*acked.lock().unwrap(), v1 | 1);
-        assert_eq!(restored.save_state(), saved);
-        assert_eq!(r(&mut restored, REG_STATUS), ok);
-        w(&mut restored, REG_QUEUE_SEL, 1);
-        assert_eq!(r(&mut restored, REG_QUEUE_READY), 1);
-
-        // Untrusted state: each bad field is an error, not a panic.
-        let mut bad = saved.clone();
-        bad.device_type = 7;
-        assert!(matches!(
-            MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad),
-            Err(Error::Restore(_))
-        ));
-        let mut bad = saved.clone();
-        bad.queues.pop();
-        assert!(MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad).is_err());
-        let mut bad = saved.clone();
-        bad.active_queues.as_mut().unwrap()[0].desc_table = u64::MAX - 8;
-        assert!(MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad).is_err());
-        let mut bad = saved.clone();
-        bad.active_queues.as_mut().unwrap()[1].size = 3;
-        assert!(MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad).is_err());
-        let mut bad = saved.clone();
-        bad.regs.driver_features |= 1 << 40;
-        assert!(matches!(
-            MmioTransport::restore(Box::new(Dummy::default()), mem(), &bad),
-            Err(Error::Restore(_))
-        ));
     }
 
     #[test]

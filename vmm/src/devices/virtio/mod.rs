@@ -10,6 +10,8 @@
 //!   ioeventfds + the device's own fds).
 //! * [`rng::Rng`] (virtio-rng) and [`vsock::Vsock`] (virtio-vsock with a Unix-socket host side)
 //!   are the device models.
+//! * [`persist`] saves and restores a transport, its queues and (through each model's own
+//!   `persist.rs`) the model inside it.
 //!
 //! Threading model: MMIO register accesses run on vCPU threads, queue processing runs on the
 //! single device event-loop thread. Both go through the same `Mutex<MmioTransport>`, so a device
@@ -29,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod chain;
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 pub mod vsock;
 
@@ -99,9 +102,6 @@ pub enum Error {
     /// The device was activated twice without a reset in between.
     #[error("device is already activated")]
     AlreadyActivated,
-    /// A saved device state does not fit this device.
-    #[error("cannot restore the device: {0}")]
-    Restore(String),
     /// A descriptor chain put into a queue by the guest is malformed.
     #[error("malformed descriptor chain: {0}")]
     Descriptor(#[from] DescriptorError),
@@ -311,6 +311,10 @@ pub trait VirtioDevice: Send {
     /// the new process: state the device could not carry over (host
     /// connections, say) is reset here, and the guest told if it must be.
     fn restored(&mut self) {}
+
+    /// The model's own state, for a snapshot: its [`crate::persist::Persist`]
+    /// state, by kind. (The transport saves the queues and registers.)
+    fn save_model(&self) -> persist::DeviceModelState;
 }
 
 /// What an activated device works with: guest memory, its queues and its

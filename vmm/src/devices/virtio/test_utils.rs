@@ -1,12 +1,23 @@
 //! Test helpers: guest memory, raw descriptors and a driver-side split queue with proper ring
-//! wrapping and descriptor recycling, so tests can push megabytes through a device.
+//! wrapping and descriptor recycling, so tests can push megabytes through a device; and a
+//! [`Dummy`] device with register helpers for the transport's tests. Test code only: it
+//! unwraps and asserts freely.
 
 use std::collections::HashMap;
 
+use std::sync::{Arc, Mutex};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::mmio::*;
+use super::persist::DeviceModelState;
+use super::{
+    read_config_bytes, Error, Interrupt, MmioTransport, VirtioDevice, STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// `VRING_DESC_F_NEXT`.
 pub const DESC_NEXT: u16 = 1;
@@ -210,4 +221,115 @@ impl<'a> DriverQueue<'a> {
         let addr = self.used_addr + 4 + 8 * u64::from(self.size);
         self.mem.read_obj(GuestAddress(addr)).unwrap()
     }
+}
+
+/// A device that records what the transport does to it.
+#[derive(Default)]
+pub struct Dummy {
+    /// The features the transport acknowledged.
+    pub acked: Arc<Mutex<u64>>,
+    activated: bool,
+    /// The queues the device was asked to process, in order.
+    pub processed: Arc<Mutex<Vec<usize>>>,
+    config: [u8; 8],
+    /// How many times the device was reset.
+    pub resets: Arc<Mutex<u32>>,
+    queues: Vec<Queue>,
+}
+
+impl VirtioDevice for Dummy {
+    fn device_type(&self) -> u32 {
+        42
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 8]
+    }
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | 1
+    }
+    fn ack_features(&mut self, features: u64) {
+        *self.acked.lock().unwrap() = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let o = offset as usize;
+        if o + data.len() <= 8 {
+            self.config[o..o + data.len()].copy_from_slice(data);
+        }
+    }
+    fn activate(
+        &mut self,
+        _mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        _interrupt: Interrupt,
+    ) -> Result<(), Error> {
+        assert_eq!(queues.len(), 2);
+        self.activated = true;
+        self.queues = queues;
+        Ok(())
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+    fn is_activated(&self) -> bool {
+        self.activated
+    }
+    fn reset(&mut self) {
+        self.activated = false;
+        self.queues.clear();
+        *self.resets.lock().unwrap() += 1;
+    }
+    fn process_queue(&mut self, index: usize) {
+        self.processed.lock().unwrap().push(index);
+    }
+    fn save_model(&self) -> DeviceModelState {
+        unreachable!("the transport tests never save a Dummy's model")
+    }
+}
+
+/// Reads register `off` of `t`.
+pub fn r(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Writes `v` to register `off` of `t`.
+pub fn w(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Resets `t` and negotiates `features` as a driver does; returns the status register.
+pub fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+    w(t, REG_STATUS, 0);
+    w(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+    w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w(t, REG_DRIVER_FEATURES_SEL, 0);
+    w(t, REG_DRIVER_FEATURES, features as u32);
+    w(t, REG_DRIVER_FEATURES_SEL, 1);
+    w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+    w(
+        t,
+        REG_STATUS,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+    );
+    r(t, REG_STATUS)
+}
+
+/// Configures queue `index` of `t` at `dq`'s rings and marks it ready.
+pub fn setup_queue(t: &mut MmioTransport, index: u32, dq: &DriverQueue) {
+    let (d, a, u) = dq.addrs();
+    w(t, REG_QUEUE_SEL, index);
+    assert_eq!(r(t, REG_QUEUE_READY), 0);
+    w(t, REG_QUEUE_NUM, u32::from(dq.size()));
+    w(t, REG_QUEUE_DESC_LOW, d as u32);
+    w(t, REG_QUEUE_DESC_HIGH, (d >> 32) as u32);
+    w(t, REG_QUEUE_AVAIL_LOW, a as u32);
+    w(t, REG_QUEUE_AVAIL_HIGH, (a >> 32) as u32);
+    w(t, REG_QUEUE_USED_LOW, u as u32);
+    w(t, REG_QUEUE_USED_HIGH, (u >> 32) as u32);
+    w(t, REG_QUEUE_READY, 1);
+    assert_eq!(r(t, REG_QUEUE_READY), 1);
 }

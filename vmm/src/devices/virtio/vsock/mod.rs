@@ -11,10 +11,14 @@
 //! offered). The event queue carries one event: `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` after a
 //! snapshot restore; new host connections wait until the guest has handled it (it hands the
 //! event buffer back, which notifies the event queue) or [`RESET_GRACE`] passed.
+//!
+//! The device's snapshot state (its guest CID) is in [`persist`]. It must not trust a packet
+//! the guest sends: lengths, CIDs and the socket type are checked before anything is copied.
 
 mod connection;
 mod muxer;
 pub mod packet;
+pub mod persist;
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
@@ -26,12 +30,14 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use self::muxer::Muxer;
 use self::packet::{VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
-use super::chain::{self, ChainBuffers, Direction};
+use super::chain::{self, ChainBuffers, DescriptorError, Direction};
+use super::persist::DeviceModelState;
 use super::Active;
 use super::{
     read_config_bytes, warn_limited, Error, Interrupt, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::persist::Persist;
 
 pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 pub use self::muxer::MAX_CONNECTIONS;
@@ -136,36 +142,30 @@ impl Vsock {
         scratch: &mut [u8],
         guest_cid: u64,
         bufs: &ChainBuffers,
-    ) -> Result<(), String> {
+    ) -> Result<(), TxError> {
         let mut raw = [0u8; HDR_SIZE];
         if bufs.len() < HDR_SIZE {
-            return Err(format!(
-                "packet of {} bytes is shorter than the header",
-                bufs.len()
-            ));
+            return Err(TxError::ShorterThanHeader(bufs.len()));
         }
-        bufs.read_at(mem, 0, &mut raw).map_err(|e| e.to_string())?;
+        bufs.read_at(mem, 0, &mut raw)?;
         let hdr = VsockHeader::from_bytes(&raw);
         let len = hdr.len as usize;
-        if len > MAX_PKT_PAYLOAD || len > bufs.len() - HDR_SIZE {
-            return Err(format!(
-                "payload length {len} exceeds the buffer ({} bytes)",
-                bufs.len() - HDR_SIZE
-            ));
+        let room = bufs.len() - HDR_SIZE;
+        if len > MAX_PKT_PAYLOAD || len > room {
+            return Err(TxError::PayloadTooLong { len, room });
         }
         if hdr.src_cid != guest_cid || hdr.dst_cid != HOST_CID {
-            return Err(format!("bad CIDs {} -> {}", hdr.src_cid, hdr.dst_cid));
+            return Err(TxError::Cids {
+                src: hdr.src_cid,
+                dst: hdr.dst_cid,
+            });
         }
         if hdr.type_ != TYPE_STREAM {
-            return Err(format!("unsupported socket type {}", hdr.type_));
+            return Err(TxError::SocketType(hdr.type_));
         }
         let payload = &mut scratch[..len];
-        if bufs
-            .read_at(mem, HDR_SIZE, payload)
-            .map_err(|e| e.to_string())?
-            != len
-        {
-            return Err("short payload".into());
+        if bufs.read_at(mem, HDR_SIZE, payload)? != len {
+            return Err(TxError::ShortPayload);
         }
         muxer.handle_guest_packet(&hdr, payload);
         Ok(())
@@ -184,7 +184,7 @@ impl Vsock {
                 popped = true;
                 let head = c.head_index();
                 let res = ChainBuffers::from_chain(c, Direction::DeviceReadable)
-                    .map_err(|e| e.to_string())
+                    .map_err(TxError::from)
                     .and_then(|bufs| {
                         Self::handle_tx_chain(
                             &mut self.muxer,
@@ -344,6 +344,10 @@ impl VirtioDevice for Vsock {
         self.active.as_ref().map_or(&[], |a| &a.queues[..])
     }
 
+    fn save_model(&self) -> DeviceModelState {
+        DeviceModelState::Vsock(self.save())
+    }
+
     /// Host connections do not survive into a restored VM: tell the guest
     /// with a transport reset event, so that it drops its connections
     /// (listening sockets stay) and re-reads the guest CID.
@@ -439,6 +443,40 @@ impl Vsock {
             self.process_rx();
         }
     }
+}
+
+/// Why a packet the guest sent is dropped.
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    /// The descriptor chain is malformed.
+    #[error(transparent)]
+    Descriptor(#[from] DescriptorError),
+    /// Too short for a header.
+    #[error("packet of {0} bytes is shorter than the header")]
+    ShorterThanHeader(usize),
+    /// The header announces more payload than the chain holds (or than a
+    /// packet may carry).
+    #[error("payload length {len} exceeds the buffer ({room} bytes)")]
+    PayloadTooLong {
+        /// Announced payload length.
+        len: usize,
+        /// Bytes after the header.
+        room: usize,
+    },
+    /// Not from this guest, or not to the host.
+    #[error("bad CIDs {src} -> {dst}")]
+    Cids {
+        /// Source CID.
+        src: u64,
+        /// Destination CID.
+        dst: u64,
+    },
+    /// Not a stream socket.
+    #[error("unsupported socket type {0}")]
+    SocketType(u16),
+    /// Fewer payload bytes than announced could be read.
+    #[error("short payload")]
+    ShortPayload,
 }
 
 /// The only vsock event: the transport was reset (e.g. after a restore).

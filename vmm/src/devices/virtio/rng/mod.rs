@@ -1,4 +1,8 @@
-//! virtio-rng: an entropy source backed by the host's `getrandom(2)`.
+//! virtio-rng: an entropy source backed by the host's `getrandom(2)`; its
+//! snapshot state is in [`persist`]. It must not hand the guest more than
+//! [`MAX_BYTES_PER_REQUEST`] bytes per request, however large its buffer.
+
+pub mod persist;
 
 use std::io;
 
@@ -6,11 +10,13 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::chain::{self, ChainBuffers, Direction};
+use super::persist::DeviceModelState;
 use super::Active;
 use super::{
     warn_limited, Error, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::persist::Persist;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -176,6 +182,10 @@ impl VirtioDevice for Rng {
 
     fn queues(&self) -> &[Queue] {
         self.active.as_ref().map_or(&[], |a| &a.queues[..])
+    }
+
+    fn save_model(&self) -> DeviceModelState {
+        DeviceModelState::Rng(self.save())
     }
 }
 
