@@ -10,7 +10,9 @@ use std::path::PathBuf;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+/// HTTP status codes, as [`Answer::status`] and [`ClientError::Api`] carry them.
+pub use hyper::StatusCode;
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -70,7 +72,7 @@ pub enum ClientError {
     #[error("{0:?} is not a daemon address: use unix:PATH or http://HOST:PORT")]
     Url(String),
     /// The daemon could not be reached.
-    #[error("cannot reach the zygote daemon at {endpoint}: {source}")]
+    #[error("cannot reach the zygote daemon at {endpoint}")]
     Connect {
         /// Where.
         endpoint: String,
