@@ -2,6 +2,7 @@
 //! remote mode, the end-to-end tests and `bench api` use. One HTTP/1.1
 //! connection per request (hyper), JSON in and out, errors as the daemon
 //! sent them, and the streamed exec's WebSocket (tokio-tungstenite).
+//! Path parts that come from users go through [`segment`].
 //!
 //! It must not: retry on its own (a caller decides), or hide an error body.
 
@@ -9,7 +10,9 @@ use std::path::PathBuf;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+/// HTTP status codes, as [`Answer::status`] and [`ClientError::Api`] carry them.
+pub use hyper::StatusCode;
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -43,6 +46,25 @@ impl Endpoint {
     }
 }
 
+/// `s` as one path segment: every byte but `A-Z a-z 0-9 - . _ ~` is
+/// percent-encoded, so an id like `a/../b?force=true` names one object and
+/// cannot reach another route or add a query.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Largest stdin message [`ExecInput::send`] sends; the daemon refuses
+/// WebSocket messages above one agent frame.
+pub const STDIN_CHUNK: usize = 64 * 1024;
+
 /// Errors of a call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -50,7 +72,7 @@ pub enum ClientError {
     #[error("{0:?} is not a daemon address: use unix:PATH or http://HOST:PORT")]
     Url(String),
     /// The daemon could not be reached.
-    #[error("cannot reach the zygote daemon at {endpoint}: {source}")]
+    #[error("cannot reach the zygote daemon at {endpoint}")]
     Connect {
         /// Where.
         endpoint: String,
@@ -117,6 +139,15 @@ impl Answer {
             };
         }
         serde_json::from_slice(&self.body).map_err(|_| self.unexpected())
+    }
+
+    /// Checks a body-less answer (`204`): `Ok` for 2xx, else the error as
+    /// [`Answer::decode`] reports it.
+    pub fn ok(&self) -> Result<(), ClientError> {
+        if self.status.is_success() {
+            return Ok(());
+        }
+        self.decode::<serde_json::Value>().map(|_| ())
     }
 
     fn unexpected(&self) -> ClientError {
@@ -253,14 +284,21 @@ impl Client {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Message;
         let conn = self.connect().await?;
-        let url = format!("ws://{}/v1/instances/{id}/exec/ws", self.host_header());
+        let url = format!(
+            "ws://{}/v1/instances/{}/exec/ws",
+            self.host_header(),
+            segment(id)
+        );
         let mut req = url
             .into_client_request()
             .map_err(|e| ClientError::Http(e.to_string()))?;
         if let Some(t) = &self.token {
-            if let Ok(v) = format!("Bearer {t}").parse() {
-                req.headers_mut().insert(hyper::header::AUTHORIZATION, v);
-            }
+            // A token that is not a header value is an error, not a request
+            // sent without it (which would come back as a puzzling 401).
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| ClientError::Http("the token is not a valid header value".into()))?;
+            req.headers_mut().insert(hyper::header::AUTHORIZATION, v);
         }
         let (mut ws, _) = match tokio_tungstenite::client_async(req, conn).await {
             Ok(x) => x,
@@ -288,8 +326,11 @@ impl Client {
 
 /// An open streamed exec.
 pub struct ExecSocket {
-    ws: tokio_tungstenite::WebSocketStream<Box<dyn Conn>>,
+    ws: WsStream,
 }
+
+type WsStream = tokio_tungstenite::WebSocketStream<Box<dyn Conn>>;
+type WsMessage = tokio_tungstenite::tungstenite::Message;
 
 /// What arrives on a streamed exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,59 +341,126 @@ pub enum ExecEvent {
     Stderr(Vec<u8>),
     /// The command ended.
     Exited(proto::ExitStatus),
-    /// The agent or the daemon refused or failed.
+    /// The agent refused or failed the command (`NotFound` when `argv[0]`
+    /// does not exist, `PermissionDenied` when it cannot be run, ...).
+    Refused {
+        /// What kind of failure.
+        code: proto::ErrorCode,
+        /// The agent's message.
+        message: String,
+    },
+    /// The daemon failed, or the connection did.
     Error(String),
 }
 
 impl ExecSocket {
-    /// Sends stdin bytes (empty: closes the command's stdin).
+    /// Sends stdin bytes (empty: closes the command's stdin), in messages
+    /// of at most [`STDIN_CHUNK`] bytes.
     pub async fn stdin(&mut self, data: Vec<u8>) -> Result<(), ClientError> {
-        use futures_util::SinkExt;
-        self.ws
-            .send(tokio_tungstenite::tungstenite::Message::Binary(data.into()))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))
+        send_stdin(&mut self.ws, data).await
     }
 
     /// The next event; `None` when the socket closed.
     pub async fn next(&mut self) -> Option<ExecEvent> {
-        use futures_util::StreamExt;
-        use proto::{AgentFrame, Frame, Response};
-        use tokio_tungstenite::tungstenite::Message;
-        loop {
-            let msg = match self.ws.next().await? {
-                Ok(m) => m,
-                Err(e) => return Some(ExecEvent::Error(e.to_string())),
-            };
-            match msg {
-                Message::Binary(b) => match AgentFrame::decode(&b) {
-                    Ok(Some((AgentFrame::Stdout(d), _))) => return Some(ExecEvent::Stdout(d)),
-                    Ok(Some((AgentFrame::Stderr(d), _))) => return Some(ExecEvent::Stderr(d)),
-                    Ok(Some((AgentFrame::Response(Response::Exited(s)), _))) => {
-                        return Some(ExecEvent::Exited(s))
-                    }
-                    Ok(Some((AgentFrame::Response(Response::Started { .. }), _))) => continue,
-                    Ok(Some((AgentFrame::Response(Response::Error { message, .. }), _))) => {
-                        return Some(ExecEvent::Error(message))
-                    }
-                    Ok(Some((other, _))) => {
-                        return Some(ExecEvent::Error(format!("unexpected frame {other:?}")))
-                    }
-                    Ok(None) | Err(_) => {
-                        return Some(ExecEvent::Error("a malformed frame from the daemon".into()))
-                    }
-                },
-                Message::Text(t) => {
-                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                    return Some(ExecEvent::Error(
-                        v["error"].as_str().unwrap_or(t.as_str()).to_string(),
-                    ));
-                }
-                Message::Close(_) => return None,
-                _ => continue,
-            }
+        next_event(&mut self.ws).await
+    }
+
+    /// Splits the socket so that stdin can be sent while events are read
+    /// (a command that reads its input while it writes needs both at once).
+    pub fn split(self) -> (ExecInput, ExecEvents) {
+        let (tx, rx) = futures_util::StreamExt::split(self.ws);
+        (ExecInput { tx }, ExecEvents { rx })
+    }
+}
+
+/// The sending half of a split [`ExecSocket`].
+pub struct ExecInput {
+    tx: futures_util::stream::SplitSink<WsStream, WsMessage>,
+}
+
+impl ExecInput {
+    /// As [`ExecSocket::stdin`].
+    pub async fn send(&mut self, data: Vec<u8>) -> Result<(), ClientError> {
+        send_stdin(&mut self.tx, data).await
+    }
+}
+
+/// The receiving half of a split [`ExecSocket`].
+pub struct ExecEvents {
+    rx: futures_util::stream::SplitStream<WsStream>,
+}
+
+impl ExecEvents {
+    /// As [`ExecSocket::next`].
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        next_event(&mut self.rx).await
+    }
+}
+
+async fn send_stdin<S>(sink: &mut S, data: Vec<u8>) -> Result<(), ClientError>
+where
+    S: futures_util::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    use futures_util::SinkExt;
+    let err = |e: tokio_tungstenite::tungstenite::Error| ClientError::Http(e.to_string());
+    if data.is_empty() {
+        return sink
+            .send(WsMessage::Binary(Vec::new().into()))
+            .await
+            .map_err(err);
+    }
+    for chunk in data.chunks(STDIN_CHUNK) {
+        sink.send(WsMessage::Binary(chunk.to_vec().into()))
+            .await
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+async fn next_event<S>(stream: &mut S) -> Option<ExecEvent>
+where
+    S: futures_core::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        let msg = match stream.next().await? {
+            Ok(m) => m,
+            Err(e) => return Some(ExecEvent::Error(e.to_string())),
+        };
+        match msg {
+            WsMessage::Binary(b) => match decode_frame(&b) {
+                Some(ev) => return Some(ev),
+                None => continue,
+            },
+            WsMessage::Text(t) => return Some(text_event(t.as_str())),
+            WsMessage::Close(_) => return None,
+            _ => continue,
         }
     }
+}
+
+/// One agent frame as the daemon relays it; `None` for frames that carry
+/// nothing for the caller (`started`).
+fn decode_frame(b: &[u8]) -> Option<ExecEvent> {
+    use proto::{AgentFrame, Frame, Response};
+    Some(match AgentFrame::decode(b) {
+        Ok(Some((AgentFrame::Stdout(d), _))) => ExecEvent::Stdout(d),
+        Ok(Some((AgentFrame::Stderr(d), _))) => ExecEvent::Stderr(d),
+        Ok(Some((AgentFrame::Response(Response::Exited(s)), _))) => ExecEvent::Exited(s),
+        Ok(Some((AgentFrame::Response(Response::Started { .. }), _))) => return None,
+        Ok(Some((AgentFrame::Response(Response::Error { code, message }), _))) => {
+            ExecEvent::Refused { code, message }
+        }
+        Ok(Some((other, _))) => ExecEvent::Error(format!("unexpected frame {other:?}")),
+        Ok(None) | Err(_) => ExecEvent::Error("a malformed frame from the daemon".into()),
+    })
+}
+
+/// A text message from the daemon: `{"error": "..."}`.
+fn text_event(t: &str) -> ExecEvent {
+    let v: serde_json::Value = serde_json::from_str(t).unwrap_or_default();
+    ExecEvent::Error(v["error"].as_str().unwrap_or(t).to_string())
 }
 
 #[cfg(test)]
@@ -380,5 +488,75 @@ mod tests {
         for bad in ["", "unix:", "http://", "https//x", "host"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
+    }
+    #[test]
+    fn segments_cannot_leave_their_place() {
+        assert_eq!(segment("demo-1.x_y~"), "demo-1.x_y~");
+        assert_eq!(segment("a/../b?force=true"), "a%2F..%2Fb%3Fforce%3Dtrue");
+        assert_eq!(segment("é"), "%C3%A9");
+        assert_eq!(segment("a b#c"), "a%20b%23c");
+    }
+
+    #[test]
+    fn agent_frames_become_events() {
+        use proto::{AgentFrame, ErrorCode, ExitStatus, Frame, Response};
+        let enc = |f: AgentFrame| f.encode().unwrap();
+        assert_eq!(
+            decode_frame(&enc(AgentFrame::Stdout(b"out".to_vec()))),
+            Some(ExecEvent::Stdout(b"out".to_vec()))
+        );
+        assert_eq!(
+            decode_frame(&enc(AgentFrame::Stderr(b"err".to_vec()))),
+            Some(ExecEvent::Stderr(b"err".to_vec()))
+        );
+        assert_eq!(
+            decode_frame(&enc(AgentFrame::Response(Response::Started { pid: 7 }))),
+            None
+        );
+        let st = ExitStatus {
+            code: Some(3),
+            signal: None,
+            timed_out: false,
+        };
+        assert_eq!(
+            decode_frame(&enc(AgentFrame::Response(Response::Exited(st)))),
+            Some(ExecEvent::Exited(st))
+        );
+        // The agent's error code survives the relay: the CLI exits 127 on it.
+        assert_eq!(
+            decode_frame(&enc(AgentFrame::Response(Response::Error {
+                code: ErrorCode::NotFound,
+                message: "nope: not found".into(),
+            }))),
+            Some(ExecEvent::Refused {
+                code: ErrorCode::NotFound,
+                message: "nope: not found".into()
+            })
+        );
+        assert!(matches!(decode_frame(b"\x01"), Some(ExecEvent::Error(_))));
+        assert_eq!(
+            text_event(r#"{"error":"bad start message"}"#),
+            ExecEvent::Error("bad start message".into())
+        );
+    }
+
+    #[test]
+    fn bodiless_answers_check() {
+        let a = |status: u16, body: &str| Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            body: Bytes::from(body.to_string()),
+        };
+        assert!(a(204, "").ok().is_ok());
+        match a(409, r#"{"error":{"code":"conflict","message":"busy"}}"#).ok() {
+            Err(ClientError::Api { code, message, .. }) => {
+                assert_eq!((code.as_str(), message.as_str()), ("conflict", "busy"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            a(502, "<html>").ok(),
+            Err(ClientError::Unexpected { .. })
+        ));
     }
 }

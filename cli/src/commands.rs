@@ -1,5 +1,7 @@
-//! The CLI's master, clone and snapshot commands: argument handling and
-//! output; the work is in the `host` library.
+//! The CLI's commands in local mode (no daemon serves the state
+//! directory): argument handling and output; the work is in the `host`
+//! library. `remote.rs` is the same commands over the daemon; what both
+//! print is in `output.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -8,7 +10,7 @@ use anyhow::{bail, Context};
 use host::clone::{CloneOptions, Started};
 use host::store::Store;
 
-use crate::{MasterCmd, SnapshotCmd};
+use crate::{output, MasterCmd, SnapshotCmd};
 
 pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
     let store = Store::open_default();
@@ -56,27 +58,22 @@ pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
                 let v: Vec<_> = rows
                     .iter()
                     .map(|(m, live)| {
-                        let mut v = serde_json::to_value(m).unwrap_or_default();
-                        v["clones"] = (*live).into();
-                        v
+                        output::master_json(serde_json::to_value(m).unwrap_or_default(), *live)
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!(
-                    "{:<24} {:>8} {:>5} {:>7}  WARMUP",
-                    "NAME", "MEMORY", "VCPUS", "CLONES"
-                );
-                for (m, live) in rows {
-                    println!(
-                        "{:<24} {:>5}MiB {:>5} {:>7}  {}",
-                        m.name,
-                        m.memory_mib,
-                        m.vcpus,
-                        live,
-                        m.warmup.as_deref().unwrap_or("-")
-                    );
-                }
+                let table: Vec<_> = rows
+                    .iter()
+                    .map(|(m, live)| output::MasterRow {
+                        name: &m.name,
+                        memory_mib: m.memory_mib,
+                        vcpus: m.vcpus,
+                        clones: *live,
+                        warmup: m.warmup.as_deref(),
+                    })
+                    .collect();
+                print!("{}", output::masters_table(&table));
             }
             Ok(0)
         }
@@ -93,6 +90,21 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// From now on SIGINT and SIGTERM only set a flag ([`interrupted`]): an
+/// attached `zygote clone` then stops its clones before it exits.
+pub fn catch_interrupts() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 pub fn clone(
     name: &str,
     count: usize,
@@ -106,11 +118,7 @@ pub fn clone(
         bail!("--count must be at least 1");
     }
     if !detach {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe {
-            libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-            libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        }
+        catch_interrupts();
     }
     let opts = CloneOptions {
         detach,
@@ -126,15 +134,13 @@ pub fn clone(
                 println!("{}", s.id);
                 if timings {
                     let t = s.timeline();
-                    let ms = |at| t.ms_since_spawn(at).unwrap_or(f64::NAN);
-                    eprintln!(
-                        "zygote: {}: vCPUs running +{:.1} ms, agent connected +{:.1} ms, identity set +{:.1} ms, ping answered +{:.1} ms",
-                        s.id,
-                        ms(t.vcpu_running_us),
-                        ms(t.connected_us),
-                        ms(t.identity_us),
-                        ms(t.ping_us),
-                    );
+                    let times = output::CloneTimes {
+                        running_ms: t.ms_since_spawn(t.vcpu_running_us),
+                        connected_ms: t.ms_since_spawn(t.connected_us),
+                        identity_ms: t.ms_since_spawn(t.identity_us),
+                        ready_ms: t.ms_since_spawn(t.ping_us),
+                    };
+                    eprintln!("{}", output::clone_timings_line(&s.id, &times));
                 }
                 started.push(s);
             }
@@ -157,7 +163,7 @@ pub fn clone(
         "zygote: {} clone(s) running; Ctrl-C stops them",
         started.len()
     );
-    while !INTERRUPTED.load(Ordering::SeqCst) && !started.is_empty() {
+    while !interrupted() && !started.is_empty() {
         started.retain_mut(|s| match s.vmm.has_exited() {
             false => true,
             true => {
@@ -187,21 +193,7 @@ pub fn ps(json: bool) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(0);
     }
-    println!(
-        "{:<32} {:<20} {:>8} {:>8} {:>12}  STATE",
-        "ID", "MASTER", "PID", "AGE", "PRIVATE"
-    );
-    for r in rows {
-        println!(
-            "{:<32} {:<20} {:>8} {:>7}s {:>12}  {}",
-            r.id,
-            r.master,
-            r.pid,
-            r.age_s,
-            r.private_kib.map_or("-".into(), |k| format!("{k} KiB")),
-            r.state
-        );
-    }
+    print!("{}", output::ps_table(&rows));
     Ok(0)
 }
 

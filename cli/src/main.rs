@@ -1,4 +1,9 @@
-//! `zygote`: the command-line tool.
+//! `zygote`: the command-line tool. The commands on masters and clones go
+//! through the zygote daemon when one serves the state directory (or
+//! `--host`/`ZYGOTE_HOST` names one) and work on the state directory
+//! directly otherwise (`--local` forces that): `remote::choose` decides,
+//! `remote.rs` and `commands.rs` are the two ways. `zygote run` is always
+//! local: a one-shot VM is no daemon object.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,17 +14,21 @@ use host::vmm::VmSpec;
 
 mod commands;
 mod daemon;
+mod output;
+mod remote;
 
 /// zygote: KVM microVMs that start as copy-on-write clones of a warm master.
 #[derive(Parser, Debug)]
 #[command(name = "zygote", version, about)]
 struct Cli {
+    #[command(flatten)]
+    target: remote::TargetArgs,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(clap::Args, Debug, Clone)]
-struct VmArgs {
+pub(crate) struct VmArgs {
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
@@ -51,7 +60,7 @@ impl VmArgs {
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {
+pub(crate) enum Cmd {
     /// Boot a fresh microVM, run CMD in it, shut it down; exits with CMD's code.
     Run {
         #[command(flatten)]
@@ -133,7 +142,7 @@ enum Cmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum MasterCmd {
+pub(crate) enum MasterCmd {
     /// Boot a VM, run the warm-up in it, freeze it as master NAME.
     Create {
         /// Master name (a-z, 0-9, '-', '.'; it becomes part of clone hostnames).
@@ -167,7 +176,7 @@ enum MasterCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum SnapshotCmd {
+pub(crate) enum SnapshotCmd {
     /// Write master NAME to the new directory DIR (sparse, checksummed).
     Save {
         /// Master name.
@@ -217,6 +226,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             Ok(host::run::run(&opts)?)
         }
+        Cmd::Bench { args } => bench(args),
+        Cmd::Daemon(a) => daemon::run(a),
+        cmd => match remote::choose(&cli.target)? {
+            remote::Choice::Local => local(cmd),
+            remote::Choice::Daemon(d) => {
+                let token = remote::token(
+                    cli.target.token_file.as_deref(),
+                    std::env::var("ZYGOTE_TOKEN").ok(),
+                )?;
+                remote::dispatch(&remote::Remote::new(d, token)?, cmd)
+            }
+        },
+    }
+}
+
+/// The commands on the state directory itself, over the `host` library.
+fn local(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
         Cmd::Master { what } => commands::master(what),
         Cmd::Clone {
             name,
@@ -234,8 +261,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ps { json } => commands::ps(json),
         Cmd::Kill { clones, all } => commands::kill(clones, all),
         Cmd::Snapshot { what } => commands::snapshot(what),
-        Cmd::Bench { args } => bench(args),
-        Cmd::Daemon(a) => daemon::run(a),
+        Cmd::Run { .. } | Cmd::Bench { .. } | Cmd::Daemon(_) => {
+            anyhow::bail!(
+                "`zygote run`, `daemon` and `bench` are dispatched before the mode is chosen"
+            )
+        }
     }
 }
 
