@@ -79,7 +79,7 @@ pub struct CreateOptions {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// Boots a VM, runs the warm-up (its output goes to `warmup_out`), freezes
+/// Boots a VM, runs the warm-up (its stdout and stderr go to `warmup_out`), freezes
 /// it, and records it as master `opts.name`. Nothing is left behind on error.
 pub fn create(
     store: &Store,
@@ -133,8 +133,11 @@ fn create_in(
         let t = Instant::now();
         let mut req = ExecRequest::new(vec!["sh".into(), "-c".into(), cmd.clone()]);
         req.timeout_ms = Some(opts.warmup_timeout.as_millis() as u64);
-        let mut err = std::io::stderr();
-        let status = match agent.exec(req, None, warmup_out, &mut err) {
+        // Its stdout and stderr both go to `warmup_out`, in the order they
+        // arrive (a failed warm-up's last lines are what its owner needs).
+        let shared = std::cell::RefCell::new(warmup_out);
+        let (mut out, mut err) = (Shared(&shared), Shared(&shared));
+        let status = match agent.exec(req, None, &mut out, &mut err) {
             Ok(s) => s,
             Err(e @ AgentError::Remote { .. }) => return Err(e.into()),
             Err(_) => return Err(vm.end_error().into()),
@@ -175,6 +178,19 @@ fn create_in(
     };
     store.commit_master(tmp, &rec)?;
     Ok(rec)
+}
+
+/// One writer shared by two streams on one thread.
+struct Shared<'a, 'b>(&'a std::cell::RefCell<&'b mut dyn std::io::Write>);
+
+impl std::io::Write for Shared<'_, '_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().write(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
 }
 
 /// Removes master `name`. Refused while clones of it run, unless `force`
