@@ -26,7 +26,10 @@ pub enum Endpoint {
 impl Endpoint {
     /// Parses `unix:PATH`, `unix://PATH`, `http://HOST:PORT` or `HOST:PORT`.
     pub fn parse(s: &str) -> Result<Self, ClientError> {
-        if let Some(p) = s.strip_prefix("unix://").or_else(|| s.strip_prefix("unix:")) {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
             if p.is_empty() {
                 return Err(ClientError::Url(s.to_string()));
             }
