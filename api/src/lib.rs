@@ -124,7 +124,7 @@ where
         routes::system::host, routes::system::metrics, routes::system::healthz,
         routes::system::openapi,
     ),
-    components(schemas(routes::exec::ExecStart)),
+    components(schemas(routes::exec::ExecStart, error::ErrorBody, error::ErrorDetail)),
     modifiers(&BearerAuth),
     tags(
         (name = "masters", description = "Warm, frozen VMs that instances are cloned from"),
@@ -168,7 +168,11 @@ async fn count_requests(State(m): State<HttpMetrics>, req: Request, next: Next) 
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    // Known methods only: any other token would be a new label set each.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m.to_string(),
+        _ => "other".to_string(),
+    };
     let t0 = Instant::now();
     let resp = next.run(req).await;
     let labels = RouteLabels {

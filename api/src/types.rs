@@ -21,6 +21,7 @@ pub const MAX_LABELS: usize = 32;
 #[serde(deny_unknown_fields)]
 pub struct CreateMaster {
     /// Name: 1-40 of a-z, 0-9, '-', '.', starting with a letter or digit.
+    #[schema(pattern = "^[a-z0-9][a-z0-9.-]{0,39}$")]
     pub name: String,
     /// Guest RAM, MiB (16..=65536).
     #[serde(default = "default_memory")]
@@ -288,6 +289,7 @@ impl SetTtl {
 #[serde(deny_unknown_fields)]
 pub struct Exec {
     /// Program and arguments (1..=4096 entries).
+    #[schema(min_items = 1, max_items = 4096)]
     pub argv: Vec<String>,
     /// Extra environment variables.
     #[serde(default)]

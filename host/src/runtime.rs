@@ -1171,6 +1171,12 @@ impl Runtime {
 
     /// Kills an instance and forgets it.
     pub fn delete_instance(&self, tenant: &Tenant, id: &str) -> Result<(), RuntimeError> {
+        self.remove_instance(tenant, id, "killed")
+    }
+
+    /// Kills an instance and forgets it; a running VMM's end is counted
+    /// once, under `reason`.
+    fn remove_instance(&self, tenant: &Tenant, id: &str, reason: &str) -> Result<(), RuntimeError> {
         let inst = {
             let mut t = lock(&self.tables);
             Self::find_instance(&mut t, tenant, id)?;
@@ -1181,7 +1187,7 @@ impl Runtime {
             if let Some(v) = &mut inst.vmm {
                 v.kill();
                 if inst.state == InstanceState::Running {
-                    self.metrics.vmm_exit("killed");
+                    self.metrics.vmm_exit(reason);
                 }
             } else if inst.state == InstanceState::Starting {
                 // Its start thread sees it gone and kills it.
@@ -1436,8 +1442,7 @@ impl Runtime {
             .map(|i| (i.id.clone(), i.owner.clone()))
             .collect();
         for (id, _) in due {
-            let _ = self.delete_instance(&Tenant::admin(), &id);
-            self.metrics.vmm_exit("ttl");
+            let _ = self.remove_instance(&Tenant::admin(), &id, "ttl");
         }
     }
 

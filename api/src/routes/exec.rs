@@ -112,7 +112,8 @@ pub async fn exec(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecStart {
-    /// Program and arguments.
+    /// Program and arguments (1..=4096 entries).
+    #[schema(min_items = 1, max_items = 4096)]
     pub argv: Vec<String>,
     /// Extra environment variables.
     #[serde(default)]

@@ -99,6 +99,9 @@ pub async fn save(
 ) -> Result<(StatusCode, Json<SnapshotSaved>), ApiError> {
     let Path(name) = name?;
     let Json(req) = body?;
+    // Another tenant's master is not found, for whoever asks; only an
+    // existing master of the caller's meets the admin-only rule.
+    st.runtime.master(&tenant, &name)?;
     admin_only(&tenant)?;
     let dir = absolute(&req.dir)?;
     let rt = st.runtime.clone();
