@@ -673,6 +673,13 @@ impl Runtime {
         spec.runtime_root = Some(self.store.root().join("vms"));
         let entry = {
             let mut t = lock(&self.tables);
+            // A master that failed to be made gives its name back.
+            if t.masters
+                .get(&store_name)
+                .is_some_and(|m| m.status == MasterStatus::Failed)
+            {
+                t.masters.remove(&store_name);
+            }
             if t.masters.contains_key(&store_name) || self.store.master_dir(&store_name).exists() {
                 return Err(RuntimeError::Conflict(format!(
                     "a master named {:?} exists already",
@@ -711,6 +718,7 @@ impl Runtime {
         };
         let rt = self.clone();
         let info = self.master_info(&lock(&self.tables), &entry);
+        tracing::info!(master = %store_name, tenant = %tenant.name, memory_mib = req.memory_mib, "making a master");
         std::thread::Builder::new()
             .name(format!("master-{store_name}"))
             .spawn(move || rt.make_master(opts))
@@ -744,9 +752,16 @@ impl Runtime {
                 self.metrics
                     .cold_boot
                     .observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    master = %name,
+                    boot_ms = rec.boot_ms,
+                    warmup_ms = rec.warmup_ms,
+                    "master frozen"
+                );
                 *m = entry_of(&rec);
             }
             Err(e) => {
+                tracing::warn!(master = %name, "master failed: {e}");
                 m.status = MasterStatus::Failed;
                 m.reason = Some(e.to_string());
                 let out = warmup_out.lines(12);
@@ -988,6 +1003,17 @@ impl Runtime {
             // No clone was asked for: the request's slot is still held.
             self.slots.give();
         }
+        let ok = results
+            .iter()
+            .filter(|r| matches!(*lock(r), Some(Ok(_))))
+            .count();
+        tracing::info!(
+            master = %rec.name,
+            tenant = %tenant.name,
+            requested = req.count,
+            started = ok,
+            "clones started"
+        );
         Ok(results
             .into_iter()
             .map(|m| {
@@ -1070,6 +1096,7 @@ impl Runtime {
             }
             Err(e) => {
                 self.metrics.clone_failures.inc();
+                tracing::warn!(instance = %id, "clone failed to start: {e}");
                 let mut t = lock(&self.tables);
                 if let Some(inst) = t.instances.get_mut(&id) {
                     inst.state = InstanceState::Failed;
@@ -1119,16 +1146,7 @@ impl Runtime {
     pub fn instance(&self, tenant: &Tenant, id: &str) -> Result<InstanceInfo, RuntimeError> {
         let mut t = lock(&self.tables);
         let inst = Self::find_instance(&mut t, tenant, id)?;
-        if inst.state == InstanceState::Running {
-            let stale = inst
-                .memory_cache
-                .is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(1));
-            if stale {
-                if let Some(v) = &inst.vmm {
-                    inst.memory_cache = Some((Instant::now(), memory_of(v.pid(), inst.guest_mib)));
-                }
-            }
-        }
+        refresh_memory(inst, Duration::from_secs(1));
         Ok(self.info(inst))
     }
 
@@ -1141,10 +1159,10 @@ impl Runtime {
         after: Option<&str>,
         limit: usize,
     ) -> (Vec<InstanceInfo>, bool) {
-        let t = lock(&self.tables);
-        let mut v: Vec<&Instance> = t
+        let mut t = lock(&self.tables);
+        let mut v: Vec<&mut Instance> = t
             .instances
-            .values()
+            .values_mut()
             .filter(|i| tenant.owns(&i.owner))
             .filter(|i| {
                 filter
@@ -1164,7 +1182,13 @@ impl Runtime {
         v.sort_by(|a, b| a.id.cmp(&b.id));
         let more = v.len() > limit;
         (
-            v.into_iter().take(limit).map(|i| self.info(i)).collect(),
+            v.into_iter()
+                .take(limit)
+                .map(|i| {
+                    refresh_memory(i, Duration::from_secs(2));
+                    self.info(i)
+                })
+                .collect(),
             more,
         )
     }
@@ -1352,14 +1376,7 @@ impl Runtime {
         for i in t.instances.values_mut() {
             *counts.entry(i.state.as_str()).or_default() += 1;
             if i.state == InstanceState::Running {
-                if let Some(v) = &i.vmm {
-                    let stale = i
-                        .memory_cache
-                        .is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(5));
-                    if stale {
-                        i.memory_cache = Some((Instant::now(), memory_of(v.pid(), i.guest_mib)));
-                    }
-                }
+                refresh_memory(i, Duration::from_secs(5));
                 if let Some((_, m)) = i.memory_cache {
                     private += m.private_kib as i64 * 1024;
                     shared = shared.max(m.shared_kib as i64 * 1024);
@@ -1404,6 +1421,7 @@ impl Runtime {
         inst.ended_at = Some(Instant::now());
         inst.agent = None;
         inst.memory_cache = None;
+        tracing::info!(instance = %id, reason = %reason_label, "VMM ended: {}", exit.message);
         if exit.reason == ExitReason::Shutdown {
             inst.state = InstanceState::Exited;
             inst.reason = Some("the guest shut down".into());
@@ -1442,6 +1460,7 @@ impl Runtime {
             .map(|i| (i.id.clone(), i.owner.clone()))
             .collect();
         for (id, _) in due {
+            tracing::info!(instance = %id, "TTL reached: killed");
             let _ = self.remove_instance(&Tenant::admin(), &id, "ttl");
         }
     }
@@ -1510,6 +1529,18 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Reads a running instance's memory when what is cached is older than
+/// `max_age` (`smaps_rollup` walks the process's page tables: not free).
+fn refresh_memory(i: &mut Instance, max_age: Duration) {
+    if i.state != InstanceState::Running {
+        return;
+    }
+    let stale = i.memory_cache.is_none_or(|(at, _)| at.elapsed() > max_age);
+    if let (true, Some(v)) = (stale, &i.vmm) {
+        i.memory_cache = Some((Instant::now(), memory_of(v.pid(), i.guest_mib)));
+    }
 }
 
 fn memory_of(pid: u32, guest_mib: u64) -> MemoryUse {

@@ -150,6 +150,7 @@ async fn stream(c: &Client, id: &str, argv: &[&str], stdin: &[u8]) -> Streamed {
             ExecEvent::Stderr(d) => out.stderr.extend_from_slice(&d),
             ExecEvent::Exited(st) => out.exit = Some(st),
             ExecEvent::Error(e) => out.errors.push(e),
+            ExecEvent::Refused { code, message } => out.errors.push(format!("{code:?}: {message}")),
         }
     }
     out

@@ -22,8 +22,9 @@ use crate::{blocking, AppState};
 
 /// Start clones of a frozen master: one result per requested clone (an
 /// instance, or the error for that one). 201 when all started, 207 when
-/// some did not; a request that cannot start at all gets an error status
-/// (429 with Retry-After when every start slot is in use).
+/// some did not; a request of which not one clone started, or that cannot
+/// start at all, gets an error status (429 with Retry-After when every
+/// start slot is in use; 502 when the guests did not answer).
 #[utoipa::path(post, path = "/v1/instances", tag = "instances",
     request_body = CreateInstances,
     responses(
@@ -50,11 +51,13 @@ pub async fn create(
         )
     })
     .await?;
+    let requested = results.len();
     let mut out = CreatedInstances {
         started: 0,
         failed: 0,
-        results: Vec::with_capacity(results.len()),
+        results: Vec::with_capacity(requested),
     };
+    let mut first_error = None;
     for r in results {
         match r {
             Ok(i) => {
@@ -66,20 +69,27 @@ pub async fn create(
             }
             Err(e) => {
                 out.failed += 1;
+                let e = ApiError::from(e);
                 out.results.push(InstanceResult {
                     instance: None,
-                    error: Some(ApiError::from(e).body().error),
+                    error: Some(e.body().error),
                 });
+                first_error.get_or_insert(e);
             }
+        }
+    }
+    if out.started == 0 {
+        // Not one started: the request failed, with the first clone's error
+        // (the others' are almost always the same).
+        if let Some(mut e) = first_error {
+            e.message = format!("none of the {requested} clone(s) started: {}", e.message);
+            return Err(e);
         }
     }
     let status = if out.failed == 0 {
         StatusCode::CREATED
-    } else if out.started > 0 {
-        StatusCode::MULTI_STATUS
     } else {
-        // Not one started: the request failed, and says why for each.
-        StatusCode::BAD_GATEWAY
+        StatusCode::MULTI_STATUS
     };
     Ok((status, Json(out)))
 }
