@@ -13,24 +13,28 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Debian packages the project needs: kernel build, guest image, peer, tools.
+# Debian packages zygote needs: kernel build, guest image, tools.
 ZYGOTE_DEB_PACKAGES=(
     linux-source-6.1 build-essential flex bison bc libelf-dev cpio xz-utils
-    busybox-static qemu-system-x86 iproute2 python3
+    busybox-static iproute2 python3
 )
+# What only the test suite adds: the benchmarks' QEMU peer, which a unit
+# test drives (a benchmark that compares with it installs it when it runs).
+ZYGOTE_TEST_DEB_PACKAGES=(qemu-system-x86)
 
-# Installs the Debian packages that are missing; a no-op when all are there.
+# Installs those of the Debian packages "$@" that are missing; a no-op when
+# all are there. Never removes or downgrades anything.
 ensure_packages() {
     local missing=()
     local p
-    for p in "${ZYGOTE_DEB_PACKAGES[@]}"; do
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
             || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing Debian packages: ${missing[*]}"
         as_root apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends --no-remove "${missing[@]}" >&2
     fi
 }
 
