@@ -1470,6 +1470,12 @@ impl Runtime {
     pub fn shutdown(&self, stop_instances: bool) {
         self.stopping.store(true, Ordering::SeqCst);
         let mut t = lock(&self.tables);
+        if stop_instances {
+            // Every VMM is told first, so they end together, not in turn.
+            for v in t.instances.values().filter_map(|i| i.vmm.as_ref()) {
+                v.signal_kill();
+            }
+        }
         for (id, inst) in t.instances.iter_mut() {
             if let Some(v) = inst.vmm.as_mut() {
                 if stop_instances {

@@ -635,6 +635,14 @@ impl VmmProcess {
         }
     }
 
+    /// Sends SIGKILL through the pidfd and returns at once (to stop many
+    /// VMMs together, then [`VmmProcess::kill`] each to wait for it).
+    pub fn signal_kill(&self) {
+        if let Some(fd) = &self.pidfd {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+        }
+    }
+
     /// Kills the VMM now (SIGKILL through its pidfd) and waits until it is
     /// gone (up to 5 s).
     pub fn kill(&mut self) {
