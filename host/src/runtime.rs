@@ -605,7 +605,9 @@ impl Runtime {
         }
     }
 
-    fn master_info(&self, t: &Tables, m: &MasterEntry) -> MasterInfo {
+    /// A master as `viewer` sees it: a tenant by the name it gave, the
+    /// host's admin (who sees every tenant's) by its name on this host.
+    fn master_info(&self, t: &Tables, m: &MasterEntry, viewer: &Tenant) -> MasterInfo {
         let clones_alive = t
             .instances
             .values()
@@ -615,7 +617,11 @@ impl Runtime {
             })
             .count();
         MasterInfo {
-            name: m.name.clone(),
+            name: if viewer.admin {
+                m.store_name.clone()
+            } else {
+                m.name.clone()
+            },
             status: m.status,
             reason: m.reason.clone(),
             console_tail: m.console_tail.clone(),
@@ -717,7 +723,7 @@ impl Runtime {
             labels: req.labels,
         };
         let rt = self.clone();
-        let info = self.master_info(&lock(&self.tables), &entry);
+        let info = self.master_info(&lock(&self.tables), &entry, tenant);
         tracing::info!(master = %store_name, tenant = %tenant.name, memory_mib = req.memory_mib, "making a master");
         std::thread::Builder::new()
             .name(format!("master-{store_name}"))
@@ -777,7 +783,7 @@ impl Runtime {
             .masters
             .values()
             .filter(|m| tenant.owns(&m.owner))
-            .map(|m| self.master_info(&t, m))
+            .map(|m| self.master_info(&t, m, tenant))
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -787,7 +793,7 @@ impl Runtime {
     pub fn master(&self, tenant: &Tenant, name: &str) -> Result<MasterInfo, RuntimeError> {
         let t = lock(&self.tables);
         let m = self.find_master(&t, tenant, name)?;
-        Ok(self.master_info(&t, m))
+        Ok(self.master_info(&t, m, tenant))
     }
 
     /// Removes a master: refused while it is being made, or while clones of
@@ -800,7 +806,7 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         let mut t = lock(&self.tables);
         let m = self.find_master(&t, tenant, name)?;
-        let info = self.master_info(&t, m);
+        let info = self.master_info(&t, m, tenant);
         if matches!(m.status, MasterStatus::Booting | MasterStatus::Warming) {
             return Err(RuntimeError::Conflict(format!(
                 "master {name:?} is still being made ({:?})",
@@ -866,7 +872,7 @@ impl Runtime {
         }
         let mut t = lock(&self.tables);
         let entry = entry_of(&rec);
-        let info = self.master_info(&t, &entry);
+        let info = self.master_info(&t, &entry, tenant);
         t.masters.insert(store_name, entry);
         Ok(info)
     }
@@ -993,7 +999,7 @@ impl Runtime {
                     if !first_slot.swap(false, Ordering::SeqCst) {
                         self.slots.take();
                     }
-                    let r = self.start_one(&rec, &master_name, guest_mib, &owner);
+                    let r = self.start_one(&rec, &master_name, guest_mib, &owner, tenant);
                     self.slots.give();
                     *lock(&results[i]) = Some(r);
                 });
@@ -1030,6 +1036,7 @@ impl Runtime {
         master_name: &str,
         guest_mib: u64,
         owner: &Ownership,
+        tenant: &Tenant,
     ) -> Result<InstanceInfo, RuntimeError> {
         let spawned = match clone::spawn(&self.store, master, true, owner) {
             Ok(s) => s,
@@ -1092,7 +1099,7 @@ impl Runtime {
                 inst.timeline = started.vmm.timeline;
                 inst.vmm = Some(started.vmm);
                 inst.agent = Some(Arc::new(Mutex::new(Some(started.agent))));
-                Ok(self.info(inst))
+                Ok(self.info(inst, tenant))
             }
             Err(e) => {
                 self.metrics.clone_failures.inc();
@@ -1108,10 +1115,15 @@ impl Runtime {
         }
     }
 
-    fn info(&self, i: &Instance) -> InstanceInfo {
+    /// An instance as `viewer` sees it (its master named as in [`Runtime::master_info`]).
+    fn info(&self, i: &Instance, viewer: &Tenant) -> InstanceInfo {
         InstanceInfo {
             id: i.id.clone(),
-            master: i.master_name.clone(),
+            master: if viewer.admin {
+                i.master.clone()
+            } else {
+                i.master_name.clone()
+            },
             state: i.state,
             reason: i.reason.clone(),
             console_tail: i.console_tail.clone(),
@@ -1147,7 +1159,7 @@ impl Runtime {
         let mut t = lock(&self.tables);
         let inst = Self::find_instance(&mut t, tenant, id)?;
         refresh_memory(inst, Duration::from_secs(1));
-        Ok(self.info(inst))
+        Ok(self.info(inst, tenant))
     }
 
     /// Instances of `tenant` that pass `filter`, sorted by id, from after
@@ -1186,7 +1198,7 @@ impl Runtime {
                 .take(limit)
                 .map(|i| {
                     refresh_memory(i, Duration::from_secs(2));
-                    self.info(i)
+                    self.info(i, tenant)
                 })
                 .collect(),
             more,
@@ -1243,7 +1255,7 @@ impl Runtime {
             rec.ttl_deadline_unix_s = inst.ttl_deadline_unix_s;
             crate::store::write_record(&path, &rec)?;
         }
-        Ok(self.info(inst))
+        Ok(self.info(inst, tenant))
     }
 
     fn live_agent(
