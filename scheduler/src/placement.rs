@@ -179,9 +179,20 @@ pub enum ShortfallReason {
     Drained,
 }
 
+impl fmt::Display for ShortfallReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ShortfallReason::NoHosts => "there are no hosts",
+            ShortfallReason::Capacity => "the hosts that match have no room left",
+            ShortfallReason::Constraints => "no undrained host satisfies the constraints",
+            ShortfallReason::Drained => "every host is drained",
+        })
+    }
+}
+
 /// Not every clone asked for could be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("placed {placed} of {requested} clones: {reason:?} ({rejected:?})")]
+#[error("placed {placed} of {requested} clones: {reason} (hosts turned away: {rejected})")]
 pub struct Shortfall {
     /// Clones asked for.
     pub requested: u32,

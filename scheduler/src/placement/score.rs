@@ -83,6 +83,21 @@ pub struct Rejections {
     pub start_slots: u32,
 }
 
+impl std::fmt::Display for Rejections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} drained, {} constraints, {} CPUs, {} max_per_host, {} memory, {} start slots",
+            self.drained,
+            self.constraints,
+            self.cpus,
+            self.max_per_host,
+            self.memory,
+            self.start_slots
+        )
+    }
+}
+
 impl Rejections {
     /// Counts one host turned away for `r`.
     pub fn add(&mut self, r: Rejection) {

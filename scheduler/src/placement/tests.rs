@@ -314,6 +314,11 @@ fn shortfall_reasons() {
     assert_eq!((s.requested, s.placed), (3, 0));
     assert_eq!(s.reason, ShortfallReason::Constraints);
     assert_eq!((s.rejected.drained, s.rejected.constraints), (1, 1));
+    assert_eq!(
+        s.to_string(),
+        "placed 0 of 3 clones: no undrained host satisfies the constraints (hosts turned away: \
+         1 drained, 1 constraints, 0 CPUs, 0 max_per_host, 0 memory, 0 start slots)"
+    );
 }
 
 #[test]
