@@ -1,6 +1,7 @@
 //! Everything that measures zygote: cold boots (`bench boot`), clones
 //! against cold boots and QEMU (`bench clone`), the daemon's HTTP layer
-//! (`bench api`), fresh process vs fork
+//! (`bench api`), the scheduler's placement core (`bench placement`,
+//! [`bench_placement`]), fresh process vs fork
 //! ([`fork_bench`]), the QEMU peer ([`peer`]), statistics and plots.
 //!
 //! It must not: be linked into the product binaries (`zygote`,
@@ -11,6 +12,7 @@
 pub mod bench;
 pub mod bench_api;
 pub mod bench_clone;
+pub mod bench_placement;
 pub mod fork_bench;
 pub mod peer;
 pub mod plot;

@@ -84,6 +84,25 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The scheduler's placement core on simulated hosts: clones placed per
+    /// second in batches and one at a time.
+    Placement {
+        /// Simulated hosts.
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        /// Clones per batch (and single placements per round).
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+        /// Batches, and rounds of single placements.
+        #[arg(long, default_value_t = 40)]
+        rounds: u32,
+        /// Seed of the simulated hosts.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fresh process vs fork() of a prepared VMM, on one snapshot (run by
     /// `clone`; prints one JSON object, µs).
     #[command(hide = true)]
@@ -258,6 +277,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 print!("{}", report.to_table());
             }
             Ok(if report.errors.is_empty() { 0 } else { 1 })
+        }
+        BenchCmd::Placement {
+            hosts,
+            batch,
+            rounds,
+            seed,
+            json,
+        } => {
+            let opts = bench::bench_placement::PlacementBenchOptions {
+                hosts: hosts.max(1),
+                batch: batch.max(1),
+                rounds: rounds.max(1),
+                seed,
+            };
+            let report = bench::bench_placement::bench_placement(&opts)
+                .map_err(anyhow::Error::msg)
+                .context("placement benchmark")?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(if report.bars_met { 0 } else { 1 })
         }
         BenchCmd::ForkBench {
             snapshot,
