@@ -131,7 +131,7 @@ pub(crate) enum Cmd {
     },
     /// Serve the HTTP API for this host's masters and clones.
     Daemon(daemon::DaemonArgs),
-    /// Benchmarks (`zygote bench boot|clone --help`); runs `zygote-bench`,
+    /// Benchmarks (`zygote bench boot|clone|api|placement --help`); runs `zygote-bench`,
     /// which is built next to `zygote`.
     #[command(disable_help_flag = true)]
     Bench {
