@@ -890,10 +890,15 @@ fn bidirectional(b: &mut dyn Backend, g: &mut Guest, path: &std::path::Path, tot
     let mut chunk = 1usize;
     let start = Instant::now();
     let mut last_progress = Instant::now();
-    while sent < total || received < total {
+    // Until the host threads are done too: the last guest bytes reach the
+    // host socket only while the device is pumped, so joining the reader
+    // before that would wait forever.
+    while sent < total || received < total || !writer.is_finished() || !reader.is_finished() {
         assert!(
             last_progress.elapsed() < Duration::from_secs(20),
-            "stalled: sent {sent} received {received}"
+            "stalled: sent {sent} received {received}, host writer done: {}, host reader done: {}",
+            writer.is_finished(),
+            reader.is_finished()
         );
         let mut progress = false;
         for (h, data) in g.recv(b) {
