@@ -648,11 +648,7 @@ impl VmmProcess {
     pub fn kill(&mut self) {
         match &self.pidfd {
             Some(fd) => {
-                let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while !pidfd_exited(fd) && Instant::now() < deadline {
-                    wait_readable(fd, Duration::from_millis(100));
-                }
+                kill_and_wait(fd, Instant::now() + Duration::from_secs(5));
             }
             None => {
                 if let Some(child) = &mut self.child {
@@ -781,6 +777,15 @@ fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
     matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
 }
 
+/// Sends SIGKILL through `fd` and waits until the process has exited (its
+/// pidfd is readable) or `deadline` passes.
+fn kill_and_wait(fd: &OwnedFd, deadline: Instant) {
+    let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+    while !pidfd_exited(fd) && Instant::now() < deadline {
+        wait_readable(fd, Duration::from_millis(100));
+    }
+}
+
 /// Kills the process `pid` that started at `start_ticks`, through a pidfd
 /// (a pid that now names another process is left alone), and waits up to
 /// 5 s for it to end. Returns whether it was that process and it ended.
@@ -791,11 +796,8 @@ pub fn kill_process(pid: u32, start_ticks: u64) -> bool {
     if !procfs::is_same_live_process(pid, start_ticks) {
         return false;
     }
-    let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !pidfd_exited(&fd) && Instant::now() < deadline {
-        wait_readable(&fd, Duration::from_millis(100));
-    }
+    kill_and_wait(&fd, deadline);
     // Not our child: its parent (or init) reaps it; a zombie counts as gone.
     while procfs::is_same_live_process(pid, start_ticks) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
