@@ -180,13 +180,8 @@ pub fn spawn(
     Ok(Spawned { id, vmm })
 }
 
-/// The events a clone's VMM wrote so far.
-pub fn read_events(dir: &Path) -> Vec<Event> {
-    vmm::read_events(dir)
-}
-
 fn exit_message(dir: &Path) -> String {
-    read_events(dir)
+    vmm::read_events(dir)
         .into_iter()
         .find_map(|e| match e {
             Event::Exit {

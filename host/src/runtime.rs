@@ -15,7 +15,6 @@
 //! is in the store and in its table).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -1650,11 +1649,6 @@ impl std::io::Write for TailBuffer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// Duplicates a borrowed fd (for the supervisor's own copy of a pidfd).
-pub(crate) fn dup(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    fd.as_fd().try_clone_to_owned()
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ impl Watcher {
 
     /// Watches `pidfd` (a copy of it) for instance `id`.
     pub fn watch(&self, id: &str, pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
-        let fd = crate::runtime::dup(pidfd)?;
+        let fd = pidfd.try_clone_to_owned()?;
         let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         w.next += 1;
         let token = w.next;
