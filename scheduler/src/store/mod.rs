@@ -58,6 +58,11 @@ pub struct MasterSpec {
     pub vcpus: u32,
     /// The command the master runs to warm up before it is frozen.
     pub warmup: Option<String>,
+    /// Hosts that should hold the master frozen ahead of demand (the
+    /// scheduler ships it there even before a clone is placed); 0: only
+    /// where clones are.
+    #[serde(default)]
+    pub ahead: u32,
 }
 
 /// Spread or pack (mirrors [`crate::placement::Strategy`]'s two kinds).
@@ -157,6 +162,13 @@ pub struct Capacity {
     pub cpus: u32,
     /// Clones it may be starting at once.
     pub start_slots: u32,
+    /// Memory still free for guests as the host's own admission counts it,
+    /// MiB (not counting placements the scheduler has in flight).
+    #[serde(default)]
+    pub memory_free_mib: u64,
+    /// Start slots free now.
+    #[serde(default)]
+    pub start_slots_free: u32,
 }
 
 /// How a host holds a master.
@@ -167,6 +179,8 @@ pub enum MasterHeld {
     Frozen,
     /// Only its snapshot files: it must be thawed first.
     Files,
+    /// Being made there (booting, warming) or received from a peer.
+    Pending,
 }
 
 /// A host's membership state.

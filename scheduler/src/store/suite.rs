@@ -30,6 +30,7 @@ pub(crate) fn spec(instances: u32) -> AppSpec {
             memory_mib: 256,
             vcpus: 1,
             warmup: Some("python -c 'import app'".into()),
+            ahead: 0,
         },
         instances,
         placement: PlacementSpec {
@@ -57,6 +58,8 @@ pub(crate) fn host_info(zone: &str, heartbeat: u64) -> HostInfo {
             memory_mib: 16_384,
             cpus: 8,
             start_slots: 4,
+            memory_free_mib: 12_000,
+            start_slots_free: 4,
         },
         masters: BTreeMap::from([("py-web".into(), MasterHeld::Frozen)]),
         last_heartbeat: Millis(heartbeat),
