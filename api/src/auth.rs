@@ -103,17 +103,27 @@ impl Tokens {
             if token.len() < 16 {
                 return Err(err("a token must be at least 16 characters".into()));
             }
-            if !is_tenant_name(tenant) || tenant == "admin" {
+            if !is_tenant_name(tenant) {
                 return Err(err(format!(
-                    "tenant {tenant:?}: use 1-20 of a-z, 0-9 and '-' (and not \"admin\")"
+                    "tenant {tenant:?}: use 1-20 of a-z, 0-9 and '-', or `admin`"
                 )));
             }
-            let mut t = Tenant {
-                name: tenant.to_string(),
-                admin: false,
-                max_instances: None,
-                max_memory_mib: None,
+            // `admin`: the host's (or cluster's) admin, as on the Unix
+            // socket: the scheduler, peer daemons, operators. No limits.
+            let admin = tenant == "admin";
+            let mut t = if admin {
+                Tenant::admin()
+            } else {
+                Tenant {
+                    name: tenant.to_string(),
+                    admin: false,
+                    max_instances: None,
+                    max_memory_mib: None,
+                }
             };
+            if admin && words.clone().next().is_some() {
+                return Err(err("the admin token takes no limits".into()));
+            }
             for w in words {
                 match w.split_once('=') {
                     Some(("max_instances", v)) => {
@@ -215,6 +225,8 @@ mod tests {
         assert_eq!((a.max_instances, a.max_memory_mib), (Some(5), Some(1024)));
         assert_eq!(t.tenant("fedcba9876543210").unwrap().name, "beta");
         assert!(t.tenant("nope").is_none());
+        let admin = Tokens::parse("0123456789abcdef admin\n").unwrap();
+        assert!(admin.tenant("0123456789abcdef").unwrap().admin);
     }
 
     #[test]
@@ -223,7 +235,7 @@ mod tests {
             ("short acme", 1, "16 characters"),
             ("0123456789abcdef", 1, "expected TOKEN TENANT"),
             ("# x\n0123456789abcdef Acme", 2, "tenant"),
-            ("0123456789abcdef admin", 1, "admin"),
+            ("0123456789abcdef admin max_instances=3", 1, "no limits"),
             ("0123456789abcdef a max_instances=x", 1, "not a number"),
             ("0123456789abcdef a colour=red", 1, "unknown setting"),
             ("0123456789abcdef a\n0123456789abcdef b", 2, "twice"),

@@ -26,7 +26,9 @@ use utoipa::OpenApi;
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod error;
+pub mod join;
 pub mod routes;
 pub mod types;
 
@@ -135,7 +137,7 @@ where
 )]
 pub struct ApiDoc;
 
-struct BearerAuth;
+pub(crate) struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
@@ -162,7 +164,11 @@ pub fn openapi_json() -> String {
     s
 }
 
-async fn count_requests(State(m): State<HttpMetrics>, req: Request, next: Next) -> Response {
+pub(crate) async fn count_requests(
+    State(m): State<HttpMetrics>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -187,7 +193,7 @@ async fn count_requests(State(m): State<HttpMetrics>, req: Request, next: Next) 
     resp
 }
 
-async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::not_found("no such route (see /v1/openapi.json)")
 }
 

@@ -3,12 +3,15 @@
 //! `STATE_DIR/zygote.sock`, mode 0660: the caller is the host's admin) and,
 //! with a tokens file, on TCP.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context};
 use api::auth::{SharedTokens, Tokens, Transport};
+use api::join::{Agent, JoinConfig};
 use api::{AppState, HttpMetrics};
 use axum::Extension;
 use host::metrics::Metrics;
@@ -77,6 +80,98 @@ pub struct DaemonArgs {
     /// Guest memory of live VMs may reach this many times host RAM.
     #[arg(long, default_value_t = 1.5)]
     pub memory_ratio: f64,
+    /// Join a cluster: the scheduler's URL (`http://ADDR:PORT`). Without
+    /// it the daemon works alone.
+    #[arg(long, value_name = "URL")]
+    pub join: Option<String>,
+    /// This host's zone (with --join).
+    #[arg(long, default_value = "default", requires = "join")]
+    pub zone: String,
+    /// A label of this host, `KEY=VALUE` (with --join; repeatable), matched
+    /// by apps' placement constraints.
+    #[arg(long = "label", value_name = "KEY=VALUE", requires = "join")]
+    pub labels: Vec<String>,
+    /// This host's id in the cluster (default: the machine's hostname).
+    #[arg(long, requires = "join")]
+    pub host_id: Option<String>,
+    /// The URL other daemons and the scheduler reach this daemon at
+    /// (default: http:// + the first TCP --listen address).
+    #[arg(long, value_name = "URL", requires = "join")]
+    pub advertise: Option<String>,
+    /// File holding the bearer token this daemon sends to the scheduler and
+    /// to peer daemons.
+    #[arg(long, value_name = "FILE")]
+    pub peer_token_file: Option<PathBuf>,
+}
+
+/// Refuses a non-loopback TCP listener without tokens: anyone who reaches
+/// it could run commands.
+pub(crate) fn refuse_open_tcp(listens: &[Listen], have_tokens: bool) -> anyhow::Result<()> {
+    for l in listens {
+        if let Listen::Tcp(addr) = l {
+            if !have_tokens && !addr.ip().is_loopback() {
+                bail!(
+                    "refusing to listen on {addr} without --tokens: anyone who reaches it could run commands in your VMs (use a loopback address, or give a tokens file)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn join_config(a: &DaemonArgs, listens: &[Listen]) -> anyhow::Result<Option<JoinConfig>> {
+    let Some(url) = &a.join else { return Ok(None) };
+    let mut labels = BTreeMap::new();
+    for l in &a.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?}: use KEY=VALUE");
+        };
+        if k.is_empty() {
+            bail!("--label {l:?}: the key is empty");
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let address = match &a.advertise {
+        Some(u) => u.clone(),
+        None => {
+            let tcp = listens.iter().find_map(|l| match l {
+                Listen::Tcp(addr) => Some(*addr),
+                Listen::Unix(_) => None,
+            });
+            match tcp {
+                Some(addr) if !addr.ip().is_unspecified() => format!("http://{addr}"),
+                Some(addr) => bail!("--join: the daemon listens on {addr}; say with --advertise URL where peers reach it"),
+                None => bail!("--join needs a TCP --listen address (peers fetch masters from it), or --advertise URL"),
+            }
+        }
+    };
+    let host_id = match &a.host_id {
+        Some(h) => h.clone(),
+        None => nix_hostname()?,
+    };
+    let token = match &a.peer_token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --peer-token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(Some(JoinConfig {
+        scheduler: url.clone(),
+        token,
+        host_id,
+        address,
+        zone: a.zone.clone(),
+        labels,
+    }))
+}
+
+fn nix_hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname (or pass --host-id)")?;
+    Ok(name.trim().to_string())
 }
 
 /// The Unix socket path of the daemon serving `state_dir`.
@@ -84,7 +179,7 @@ pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("zygote.sock")
 }
 
-fn init_logging(format: &str) {
+pub(crate) fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ZYGOTE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
@@ -117,15 +212,8 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
         Some(p) => Tokens::load(p)?,
         None => Tokens::none(),
     };
-    for l in &listens {
-        if let Listen::Tcp(addr) = l {
-            if a.tokens.is_none() && !addr.ip().is_loopback() {
-                bail!(
-                    "refusing to listen on {addr} without --tokens: anyone who reaches it could run commands in your VMs (use a loopback address, or give a tokens file)"
-                );
-            }
-        }
-    }
+    refuse_open_tcp(&listens, a.tokens.is_some())?;
+    let join = join_config(&a, &listens)?;
     let tokens: SharedTokens = Arc::new(RwLock::new(tokens));
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -152,18 +240,30 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
         .enable_all()
         .max_blocking_threads(1024)
         .build()?;
-    let result = rt.block_on(serve(state, listens, tokens));
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(cfg) = join {
+        let agent = Agent::new(runtime.clone(), cfg)?;
+        rt.spawn(agent.run(stop.clone()));
+    }
+    let result = rt.block_on(serve(move || api::app(state.clone()), listens, tokens));
+    stop.store(true, Ordering::Relaxed);
     runtime.shutdown(a.on_shutdown == OnShutdown::Stop);
     tracing::info!(on_shutdown = ?a.on_shutdown, "stopped");
     result.map(|_| 0)
 }
 
-async fn serve(state: AppState, listens: Vec<Listen>, tokens: SharedTokens) -> anyhow::Result<()> {
+/// Serves the router `make_app` builds on every listener until SIGTERM or
+/// SIGINT; SIGHUP reloads the tokens.
+pub(crate) async fn serve(
+    make_app: impl Fn() -> axum::Router,
+    listens: Vec<Listen>,
+    tokens: SharedTokens,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     let mut sockets = Vec::new();
     for l in listens {
-        let app = api::app(state.clone()).layer(Extension(tokens.clone()));
+        let app = make_app().layer(Extension(tokens.clone()));
         let mut stop = stop_rx.clone();
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;

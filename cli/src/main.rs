@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use host::vmm::VmSpec;
 
+mod cluster;
 mod commands;
 mod daemon;
 mod output;
@@ -131,6 +132,22 @@ pub(crate) enum Cmd {
     },
     /// Serve the HTTP API for this host's masters and clones.
     Daemon(daemon::DaemonArgs),
+    /// Serve the cluster scheduler's API: apps placed across joined daemons.
+    Scheduler(cluster::SchedulerArgs),
+    /// Apps on the cluster scheduler: declare, list, scale, remove.
+    App {
+        #[command(flatten)]
+        target: cluster::SchedulerTarget,
+        #[command(subcommand)]
+        what: cluster::AppCmd,
+    },
+    /// The cluster scheduler's hosts: list, drain, undrain.
+    Host {
+        #[command(flatten)]
+        target: cluster::SchedulerTarget,
+        #[command(subcommand)]
+        what: cluster::HostCmd,
+    },
     /// Benchmarks (`zygote bench boot|clone|api|placement --help`); runs `zygote-bench`,
     /// which is built next to `zygote`.
     #[command(disable_help_flag = true)]
@@ -228,6 +245,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Bench { args } => bench(args),
         Cmd::Daemon(a) => daemon::run(a),
+        Cmd::Scheduler(a) => cluster::run(a),
+        Cmd::App { target, what } => cluster::app(&target, cluster_token(&cli.target)?, what),
+        Cmd::Host { target, what } => cluster::host(&target, cluster_token(&cli.target)?, what),
         cmd => match remote::choose(&cli.target)? {
             remote::Choice::Local => local(cmd),
             remote::Choice::Daemon(d) => {
@@ -261,12 +281,22 @@ fn local(cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Ps { json } => commands::ps(json),
         Cmd::Kill { clones, all } => commands::kill(clones, all),
         Cmd::Snapshot { what } => commands::snapshot(what),
-        Cmd::Run { .. } | Cmd::Bench { .. } | Cmd::Daemon(_) => {
+        Cmd::Run { .. }
+        | Cmd::Bench { .. }
+        | Cmd::Daemon(_)
+        | Cmd::Scheduler(_)
+        | Cmd::App { .. }
+        | Cmd::Host { .. } => {
             anyhow::bail!(
                 "`zygote run`, `daemon` and `bench` are dispatched before the mode is chosen"
             )
         }
     }
+}
+
+/// The token for the scheduler: `--token-file`, else `$ZYGOTE_TOKEN`.
+fn cluster_token(t: &remote::TargetArgs) -> anyhow::Result<Option<String>> {
+    remote::token(t.token_file.as_deref(), std::env::var("ZYGOTE_TOKEN").ok())
 }
 
 /// `zygote bench ...`: the benchmarks live in their own binary so that the

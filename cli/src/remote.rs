@@ -258,7 +258,12 @@ pub fn dispatch(r: &Remote, cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Ps { json } => ps(r, json),
         Cmd::Kill { clones, all } => kill(r, clones, all),
         Cmd::Snapshot { what } => snapshot(r, what),
-        Cmd::Run { .. } | Cmd::Daemon(_) | Cmd::Bench { .. } => {
+        Cmd::Run { .. }
+        | Cmd::Daemon(_)
+        | Cmd::Bench { .. }
+        | Cmd::Scheduler(_)
+        | Cmd::App { .. }
+        | Cmd::Host { .. } => {
             bail!("`zygote run`, `daemon` and `bench` do not go through a daemon")
         }
     }

@@ -10,7 +10,9 @@ use proto::launch::VmSource;
 
 use crate::agent::{fresh_identity, AgentClient, AgentError};
 use crate::procfs;
-use crate::store::{unix_now, CloneRecord, MasterRecord, Store, StoreError, RECORD_VERSION};
+use crate::store::{
+    check_name, unix_now, CloneRecord, MasterRecord, Store, StoreError, RECORD_VERSION,
+};
 use crate::vmm::{self, SpawnOptions, Timeline, VmError, VmmProcess};
 
 /// Errors starting or managing clones.
@@ -122,6 +124,9 @@ pub struct Ownership {
     pub labels: std::collections::BTreeMap<String, String>,
     /// When it is to be killed (Unix seconds).
     pub ttl_deadline_unix_s: Option<u64>,
+    /// The id to give it (the scheduler names its instances); `None`:
+    /// `MASTER-RANDOM`. An id in use is refused.
+    pub id: Option<String>,
 }
 
 fn spawn_one(store: &Store, master: &MasterRecord, detach: bool) -> Result<Spawned, CloneError> {
@@ -138,6 +143,10 @@ pub fn spawn(
     owner: &Ownership,
 ) -> Result<Spawned, CloneError> {
     let (id, dir) = loop {
+        if let Some(id) = &owner.id {
+            check_name(id)?;
+            break (id.clone(), store.new_clone_dir(id)?);
+        }
         let id = format!("{}-{}", master.name, random_suffix());
         match store.new_clone_dir(&id) {
             Ok(dir) => break (id, dir),

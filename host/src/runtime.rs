@@ -322,6 +322,9 @@ pub struct InstancesRequest {
     pub labels: BTreeMap<String, String>,
     /// Kill each after this long.
     pub ttl: Option<Duration>,
+    /// The id to give the one instance asked for (`count` must be 1); an
+    /// id in use, even by an ended instance still listed, is refused.
+    pub id: Option<String>,
 }
 
 /// Filters of an instance listing.
@@ -955,6 +958,19 @@ impl Runtime {
         }
         let (rec, guest_mib, master_name) = {
             let t = lock(&self.tables);
+            if let Some(id) = &req.id {
+                if req.count != 1 {
+                    return Err(RuntimeError::Invalid(format!(
+                        "an instance id names one instance; count is {}",
+                        req.count
+                    )));
+                }
+                if t.instances.contains_key(id) {
+                    return Err(RuntimeError::Conflict(format!(
+                        "an instance {id:?} exists already"
+                    )));
+                }
+            }
             let m = self.find_master(&t, tenant, &req.master)?;
             if m.status != MasterStatus::Frozen {
                 return Err(RuntimeError::Conflict(format!(
@@ -980,6 +996,7 @@ impl Runtime {
             tenant: tenant.owner(),
             labels: req.labels.clone(),
             ttl_deadline_unix_s: req.ttl.map(|d| unix_now() + d.as_secs().max(1)),
+            id: req.id.clone(),
         };
         let parallel = self.cfg.parallel.clamp(1, req.count.max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);

@@ -1138,29 +1138,24 @@ pub fn check_host_id(id: &str) -> Result<(), ServiceError> {
 
 /// An instance id for `app`'s `slot` placed at `now`: `NAME-SLOT-TAG`,
 /// unique per placement (a slot placed again gets a new id, so a returning
-/// host's old copy is told apart from the new one).
+/// host's old copy is told apart from the new one). The tag mixes the time
+/// with the app's full key, so two tenants' apps of one name placed in the
+/// same millisecond still differ.
 fn instance_id(app: &str, slot: u32, now: Millis) -> String {
-    let (tenant, name) = split_key(app);
-    let mut tag = String::new();
-    let mut n = now.0 % 36u64.pow(6);
-    for _ in 0..6 {
+    let (_, name) = split_key(app);
+    // FNV-1a of the key: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut n = (now.0 ^ h) % 36u64.pow(6);
+    let mut tag = [b'0'; 6];
+    for c in tag.iter_mut().rev() {
         let d = (n % 36) as u8;
-        tag.insert(
-            0,
-            if d < 10 {
-                (b'0' + d) as char
-            } else {
-                (b'a' + d - 10) as char
-            },
-        );
+        *c = if d < 10 { b'0' + d } else { b'a' + d - 10 };
         n /= 36;
     }
-    match tenant {
-        // A tenant's instance id carries the tenant too, so two tenants'
-        // apps of one name never collide on a host.
-        Some(t) => format!("{name}-{slot}-{tag}.{t}"),
-        None => format!("{name}-{slot}-{tag}"),
-    }
+    format!("{name}-{slot}-{}", String::from_utf8_lossy(&tag))
 }
 
 fn request(app: &App, hosts: &[store::Host]) -> Request {

@@ -47,6 +47,7 @@ pub async fn create(
                 count: req.count,
                 labels: req.labels,
                 ttl: req.ttl_s.map(Duration::from_secs),
+                id: None,
             },
         )
     })
