@@ -41,8 +41,9 @@ const MASTER_RETRY: Duration = Duration::from_secs(30);
 /// How the daemon joins.
 #[derive(Debug, Clone)]
 pub struct JoinConfig {
-    /// The scheduler's URL (`http://ADDR:PORT`).
-    pub scheduler: String,
+    /// The scheduler replicas' URLs (`http://ADDR:PORT`); heartbeats go to
+    /// one and move to the next when it does not answer.
+    pub schedulers: Vec<String>,
     /// The bearer token for the scheduler (and peer daemons).
     pub token: Option<String>,
     /// This host's id in the cluster.
@@ -84,7 +85,9 @@ struct Local {
 pub struct Agent {
     rt: Arc<Runtime>,
     cfg: JoinConfig,
-    client: Client,
+    clients: Vec<Client>,
+    /// The replica heartbeats go to now.
+    current: std::sync::atomic::AtomicUsize,
     local: Mutex<Local>,
     wake: Notify,
 }
@@ -119,14 +122,20 @@ pub enum JoinError {
 impl Agent {
     /// An agent for `rt` joining as `cfg` says.
     pub fn new(rt: Arc<Runtime>, cfg: JoinConfig) -> Result<Arc<Self>, JoinError> {
-        let endpoint =
-            Endpoint::parse(&cfg.scheduler).map_err(|_| JoinError::Url(cfg.scheduler.clone()))?;
-        if matches!(endpoint, Endpoint::Unix(_)) {
-            return Err(JoinError::Url(cfg.scheduler.clone()));
+        let mut clients = Vec::new();
+        for url in &cfg.schedulers {
+            match Endpoint::parse(url) {
+                Ok(e @ Endpoint::Tcp(_)) => clients.push(Client::new(e, cfg.token.clone())),
+                _ => return Err(JoinError::Url(url.clone())),
+            }
+        }
+        if clients.is_empty() {
+            return Err(JoinError::Url(String::new()));
         }
         Ok(Arc::new(Agent {
             rt,
-            client: Client::new(endpoint, cfg.token.clone()),
+            clients,
+            current: Default::default(),
             cfg,
             local: Mutex::default(),
             wake: Notify::new(),
@@ -137,7 +146,7 @@ impl Agent {
     pub async fn run(self: Arc<Self>, stop: Arc<AtomicBool>) {
         let mut every = Duration::from_secs(1);
         tracing::info!(
-            scheduler = %self.cfg.scheduler,
+            schedulers = %self.cfg.schedulers.join(","),
             host = %self.cfg.host_id,
             address = %self.cfg.address,
             "joining the cluster"
@@ -148,7 +157,7 @@ impl Agent {
                     every = Duration::from_millis(a.heartbeat_ms.clamp(100, 60_000));
                     let was = std::mem::replace(&mut lock(&self.local).unreachable, false);
                     if was {
-                        tracing::info!(scheduler = %self.cfg.scheduler, "the scheduler answers again");
+                        tracing::info!("the scheduler answers again");
                     }
                     self.converge(&a).await;
                 }
@@ -183,11 +192,32 @@ impl Agent {
         let body = serde_json::to_value(&report)
             .map_err(|e| JoinError::Heartbeat(ClientError::Http(e.to_string())))?;
         let path = format!("/v1/hosts/{}/heartbeat", segment(&self.cfg.host_id));
-        let answer = tokio::time::timeout(Duration::from_secs(10), self.client.post(&path, &body))
-            .await
-            .map_err(|_| JoinError::Heartbeat(ClientError::Http("timed out after 10 s".into())))?
-            .map_err(JoinError::Heartbeat)?;
-        answer.decode().map_err(JoinError::Heartbeat)
+        // The current replica first, then each other one once.
+        let n = self.clients.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let call = self.clients[i].post(&path, &body);
+            let answer = match tokio::time::timeout(Duration::from_secs(5), call).await {
+                Err(_) => Err(ClientError::Http("timed out after 5 s".into())),
+                Ok(r) => r,
+            }
+            .and_then(|a| a.decode::<Assignment>());
+            match answer {
+                Ok(a) => {
+                    if i != first {
+                        tracing::info!(scheduler = %self.cfg.schedulers[i], "heartbeats now go to this replica");
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(a);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(JoinError::Heartbeat(last.unwrap_or_else(|| {
+            ClientError::Http("no scheduler configured".into())
+        })))
     }
 
     /// What this host has and runs, for the scheduler.

@@ -80,8 +80,9 @@ pub struct DaemonArgs {
     /// Guest memory of live VMs may reach this many times host RAM.
     #[arg(long, default_value_t = 1.5)]
     pub memory_ratio: f64,
-    /// Join a cluster: the scheduler's URL (`http://ADDR:PORT`). Without
-    /// it the daemon works alone.
+    /// Join a cluster: the scheduler's URL (`http://ADDR:PORT`), or every
+    /// replica's, comma-separated (heartbeats fail over). Without it the
+    /// daemon works alone.
     #[arg(long, value_name = "URL")]
     pub join: Option<String>,
     /// This host's zone (with --join).
@@ -159,7 +160,11 @@ fn join_config(a: &DaemonArgs, listens: &[Listen]) -> anyhow::Result<Option<Join
         None => None,
     };
     Ok(Some(JoinConfig {
-        scheduler: url.clone(),
+        schedulers: url
+            .split(',')
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect(),
         token,
         host_id,
         address,
