@@ -7,7 +7,7 @@
 //! It owns the file's layout: tables `apps`, `hosts`, `leases` (keyed by
 //! name/id), `placements` (keyed by (app, slot)), and `meta` (the store-wide
 //! `revision` counter and the file's `format`). Records are JSON with a
-//! `version` field (decoded by [`super::decode`]).
+//! `version` field (decoded by `super::decode`).
 //!
 //! Watches: after each committed change of an app, a host or a placement the
 //! new revision is sent on a `tokio::sync::watch` channel. Leadership: the

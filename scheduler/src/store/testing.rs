@@ -68,18 +68,26 @@ fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> EtcdStartError {
 
 /// The etcd binary: `$ZYGOTE_ETCD`, else `etcd` on `$PATH`.
 pub fn etcd_binary() -> Result<PathBuf, EtcdStartError> {
-    if let Some(path) = std::env::var_os("ZYGOTE_ETCD") {
-        let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
+    find_etcd(std::env::var_os("ZYGOTE_ETCD"), std::env::var_os("PATH"))
+}
+
+/// [`etcd_binary`] given the two variables.
+fn find_etcd(
+    explicit: Option<std::ffi::OsString>,
+    path: Option<std::ffi::OsString>,
+) -> Result<PathBuf, EtcdStartError> {
+    if let Some(explicit) = explicit {
+        let explicit = PathBuf::from(explicit);
+        return if explicit.is_file() {
+            Ok(explicit)
         } else {
             Err(EtcdStartError::Missing(format!(
                 "$ZYGOTE_ETCD={} is not a file",
-                path.display()
+                explicit.display()
             )))
         };
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = path.unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join("etcd"))
         .find(|p| p.is_file())
@@ -248,5 +256,38 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_etcd_is_an_error_that_says_what_to_install() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = find_etcd(None, Some(empty.path().into())).unwrap_err();
+        assert!(matches!(err, EtcdStartError::Missing(_)), "{err:?}");
+        assert!(err.to_string().contains("etcd-server"), "{err}");
+        let err = find_etcd(Some(empty.path().join("etcd").into()), None).unwrap_err();
+        assert!(err.to_string().contains("$ZYGOTE_ETCD="), "{err}");
+    }
+
+    #[test]
+    fn etcd_is_found_on_the_path_and_restarts_on_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("etcd");
+        std::fs::write(&fake, "").unwrap();
+        assert_eq!(find_etcd(None, Some(dir.path().into())).unwrap(), fake);
+        let mut etcd = Etcd::start();
+        etcd.kill();
+        let addr: SocketAddr = etcd
+            .client_url()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        assert!(!healthy(addr));
+        etcd.restart().unwrap();
+        assert!(healthy(addr));
     }
 }
