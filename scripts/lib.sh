@@ -14,9 +14,14 @@ as_root() {
 }
 
 # Debian packages zygote needs: kernel build, guest image, tools.
+# protobuf-compiler and libprotobuf-dev: the etcd client's build runs protoc
+# on etcd's protos (which import the well-known types). etcd-server: the
+# scheduler's etcd store (its tests start a private etcd; start_etcd below).
+# Debian enables an etcd.service on install; zygote never uses it.
 ZYGOTE_DEB_PACKAGES=(
     linux-source-6.1 build-essential flex bison bc libelf-dev cpio xz-utils
     busybox-static iproute2 python3
+    protobuf-compiler libprotobuf-dev etcd-server
 )
 # What only the test suite adds: the benchmarks' QEMU peer, which a unit
 # test drives (a benchmark that compares with it installs it when it runs).
@@ -127,4 +132,81 @@ PY
     fi
     rm -rf "$dir"
     return "$status"
+}
+
+# The scheduler's etcd: one single-member etcd for a dev cluster or a test.
+# `--max-txn-ops` is raised to ZYGOTE_ETCD_MAX_TXN_OPS (default 1024): the
+# scheduler commits a batch of N slots as one transaction of N + 1 compares,
+# and etcd's default (128) would refuse batches past 127 slots.
+ZYGOTE_ETCD_MAX_TXN_OPS="${ZYGOTE_ETCD_MAX_TXN_OPS:-1024}"
+
+# start_etcd DATA_DIR CLIENT_URL PEER_URL PIDFILE: starts etcd in the
+# background (data and its log, etcd.log, in DATA_DIR; a restart on the same
+# DATA_DIR keeps the data), writes its pid to PIDFILE and returns once it
+# reports healthy on CLIENT_URL (http://HOST:PORT), or dies with its log.
+start_etcd() {
+    local data_dir="$1" client_url="$2" peer_url="$3" pidfile="$4"
+    local etcd_bin="${ZYGOTE_ETCD:-etcd}"
+    command -v "$etcd_bin" >/dev/null \
+        || die "no etcd binary ($etcd_bin): install Debian's etcd-server (ensure_packages etcd-server)"
+    if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        die "etcd already runs with pid $(cat "$pidfile") (from $pidfile)"
+    fi
+    mkdir -p "$data_dir"
+    local name=zygote
+    "$etcd_bin" --name "$name" --data-dir "$data_dir/data" \
+        --listen-client-urls "$client_url" --advertise-client-urls "$client_url" \
+        --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
+        --initial-cluster "$name=$peer_url" \
+        --max-txn-ops "$ZYGOTE_ETCD_MAX_TXN_OPS" \
+        --logger zap --log-level warn \
+        </dev/null >>"$data_dir/etcd.log" 2>&1 &
+    local pid=$!
+    echo "$pid" >"$pidfile"
+    local hostport="${client_url#*://}"
+    hostport="${hostport%%/*}"
+    local host="${hostport%:*}" port="${hostport##*:}"
+    for _ in $(seq 300); do
+        kill -0 "$pid" 2>/dev/null || {
+            tail -n 20 "$data_dir/etcd.log" >&2
+            rm -f "$pidfile"
+            die "etcd exited while starting (log: $data_dir/etcd.log)"
+        }
+        if _etcd_healthy "$host" "$port"; then
+            log "etcd $pid healthy on $client_url"
+            return 0
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$data_dir/etcd.log" >&2
+    stop_etcd "$pidfile"
+    die "etcd not healthy on $client_url after 30 s (log: $data_dir/etcd.log)"
+}
+
+# _etcd_healthy HOST PORT: whether etcd's /health answers "true".
+_etcd_healthy() {
+    local reply
+    reply="$( (exec 3<>"/dev/tcp/$1/$2" \
+        && printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" >&3 \
+        && timeout 2 cat <&3) 2>/dev/null)" || return 1
+    [[ "$reply" == *'"health":"true"'* ]]
+}
+
+# stop_etcd PIDFILE: stops the etcd start_etcd started (TERM, then KILL after
+# 10 s) and removes PIDFILE; a no-op when it is not running.
+stop_etcd() {
+    local pidfile="$1" pid
+    [ -s "$pidfile" ] || return 0
+    pid="$(cat "$pidfile")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$pidfile"
 }

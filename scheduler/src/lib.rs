@@ -2,7 +2,8 @@
 //! ([`placement`]): given what the hosts report and what a clone needs, which
 //! host each clone goes to, with placements in flight counted; and the
 //! [`store`]: what the scheduler keeps across restarts (apps, hosts,
-//! placement records, leases), behind one trait with an embedded backend.
+//! placement records, leases), behind one trait with an embedded (redb)
+//! and an etcd backend, with change watches and leader election.
 //!
 //! [`service`] is the scheduler itself over a store: apps declared, host
 //! heartbeats (membership by leases), the reconcile step; [`wire`] holds

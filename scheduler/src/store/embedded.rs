@@ -7,20 +7,29 @@
 //! It owns the file's layout: tables `apps`, `hosts`, `leases` (keyed by
 //! name/id), `placements` (keyed by (app, slot)), and `meta` (the store-wide
 //! `revision` counter and the file's `format`). Records are JSON with a
-//! `version` field (decoded by [`super::decode`]).
+//! `version` field (decoded by `super::decode`).
+//!
+//! Watches: after each committed change of an app, a host or a placement the
+//! new revision is sent on a `tokio::sync::watch` channel. Leadership: the
+//! process holding the file is the only scheduler there can be (redb refuses
+//! a second opener), so a campaign wins at once unless another guard of the
+//! same store is still held, and then waits for it.
 //!
 //! It must not: read a clock, hold a transaction across trait calls, or be
 //! opened by two processes at once (redb locks the file; the second open
 //! fails with an I/O error).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::watch;
 
 use super::{
-    decode, encode, App, AppSpec, Expect, Found, Host, HostInfo, Kind, Lease, Millis, Placement,
-    PlacementFilter, PlacementOp, PlacementWrite, Result, Store, StoreError, FORMAT_VERSION,
+    decode, encode, App, AppSpec, Expect, Found, Host, HostInfo, Kind, LeaderGuard, Leadership,
+    Lease, Millis, Placement, PlacementFilter, PlacementOp, PlacementWrite, Result, Store,
+    StoreError, FORMAT_VERSION,
 };
 
 /// The database file inside the store's directory.
@@ -40,6 +49,17 @@ const META_FORMAT: &str = "format";
 pub struct EmbeddedStore {
     db: Database,
     path: PathBuf,
+    /// The revision of the last change of an app, host or placement.
+    changes: watch::Sender<u64>,
+    /// Who holds leadership in this process, and a wake-up for waiters.
+    leader: Arc<(Mutex<Option<String>>, Condvar)>,
+}
+
+/// Whether a write wakes [`Store::watch`] receivers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Notify {
+    Yes,
+    No,
 }
 
 /// Turn a redb error into [`StoreError::Io`], naming what was being done.
@@ -117,6 +137,7 @@ impl EmbeddedStore {
         let path = dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(io("opening the database"))?;
         let tx = db.begin_write().map_err(io("initialising the database"))?;
+        let revision;
         {
             let ctx = "initialising the database";
             tx.open_table(APPS).map_err(io(ctx))?;
@@ -124,6 +145,10 @@ impl EmbeddedStore {
             tx.open_table(LEASES).map_err(io(ctx))?;
             tx.open_table(PLACEMENTS).map_err(io(ctx))?;
             let mut meta = tx.open_table(META).map_err(io(ctx))?;
+            revision = meta
+                .get(META_REVISION)
+                .map_err(io(ctx))?
+                .map_or(0, |g| g.value());
             let format = meta.get(META_FORMAT).map_err(io(ctx))?.map(|g| g.value());
             match format {
                 None => {
@@ -142,7 +167,12 @@ impl EmbeddedStore {
             }
         }
         tx.commit().map_err(io("initialising the database"))?;
-        Ok(EmbeddedStore { db, path })
+        Ok(EmbeddedStore {
+            db,
+            path,
+            changes: watch::Sender::new(revision),
+            leader: Arc::new((Mutex::new(None), Condvar::new())),
+        })
     }
 
     /// The database file.
@@ -156,6 +186,7 @@ impl EmbeddedStore {
     fn write<T>(
         &self,
         context: &'static str,
+        notify: Notify,
         f: impl FnOnce(&WriteTransaction, u64) -> Result<T>,
     ) -> Result<T> {
         let tx = self.db.begin_write().map_err(io(context))?;
@@ -173,6 +204,15 @@ impl EmbeddedStore {
             meta.insert(META_REVISION, revision).map_err(io(context))?;
         }
         tx.commit().map_err(io(context))?;
+        if notify == Notify::Yes {
+            self.changes.send_if_modified(|seen| {
+                let newer = revision > *seen;
+                if newer {
+                    *seen = revision;
+                }
+                newer
+            });
+        }
         Ok(out)
     }
 
@@ -206,7 +246,7 @@ impl EmbeddedStore {
     /// how corrupt or foreign records are refused.
     #[cfg(test)]
     fn put_raw_app(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        self.write("writing raw bytes", |tx, _| {
+        self.write("writing raw bytes", Notify::Yes, |tx, _| {
             let mut t = tx.open_table(APPS).map_err(io("writing raw bytes"))?;
             t.insert(name, bytes).map_err(io("writing raw bytes"))?;
             Ok(())
@@ -217,7 +257,7 @@ impl EmbeddedStore {
 impl Store for EmbeddedStore {
     fn put_app(&self, name: &str, spec: &AppSpec, expect: Expect) -> Result<App> {
         let ctx = "writing an app";
-        self.write(ctx, |tx, revision| {
+        self.write(ctx, Notify::Yes, |tx, revision| {
             let mut t = tx.open_table(APPS).map_err(io(ctx))?;
             let current: Option<App> = get_str(&t, Kind::App, name)?;
             check(Kind::App, name, expect, current.map(|a| a.generation))?;
@@ -242,7 +282,7 @@ impl Store for EmbeddedStore {
 
     fn delete_app(&self, name: &str, expect: Expect) -> Result<()> {
         let ctx = "deleting an app";
-        self.write(ctx, |tx, _| {
+        self.write(ctx, Notify::Yes, |tx, _| {
             let mut t = tx.open_table(APPS).map_err(io(ctx))?;
             let current: App =
                 get_str(&t, Kind::App, name)?.ok_or_else(|| StoreError::NotFound {
@@ -257,7 +297,7 @@ impl Store for EmbeddedStore {
 
     fn put_host(&self, id: &str, info: &HostInfo, expect: Expect) -> Result<Host> {
         let ctx = "writing a host";
-        self.write(ctx, |tx, revision| {
+        self.write(ctx, Notify::Yes, |tx, revision| {
             let mut t = tx.open_table(HOSTS).map_err(io(ctx))?;
             let current: Option<Host> = get_str(&t, Kind::Host, id)?;
             check(Kind::Host, id, expect, current.map(|h| h.revision))?;
@@ -282,7 +322,7 @@ impl Store for EmbeddedStore {
 
     fn delete_host(&self, id: &str, expect: Expect) -> Result<()> {
         let ctx = "deleting a host";
-        self.write(ctx, |tx, _| {
+        self.write(ctx, Notify::Yes, |tx, _| {
             let mut t = tx.open_table(HOSTS).map_err(io(ctx))?;
             let current: Host =
                 get_str(&t, Kind::Host, id)?.ok_or_else(|| StoreError::NotFound {
@@ -304,7 +344,7 @@ impl Store for EmbeddedStore {
         writes: &[PlacementWrite],
     ) -> Result<Vec<Placement>> {
         let ctx = "writing placements";
-        self.write(ctx, |tx, revision| {
+        self.write(ctx, Notify::Yes, |tx, revision| {
             let apps = tx.open_table(APPS).map_err(io(ctx))?;
             let current: Option<App> = get_str(&apps, Kind::App, app)?;
             check(
@@ -387,7 +427,7 @@ impl Store for EmbeddedStore {
 
     fn grant_lease(&self, host: &str, ttl: Duration, now: Millis) -> Result<Lease> {
         let ctx = "granting a lease";
-        self.write(ctx, |tx, _| {
+        self.write(ctx, Notify::No, |tx, _| {
             let mut t = tx.open_table(LEASES).map_err(io(ctx))?;
             let lease = Lease {
                 version: FORMAT_VERSION,
@@ -406,7 +446,7 @@ impl Store for EmbeddedStore {
 
     fn revoke_lease(&self, host: &str) -> Result<()> {
         let ctx = "revoking a lease";
-        self.write(ctx, |tx, _| {
+        self.write(ctx, Notify::No, |tx, _| {
             let mut t = tx.open_table(LEASES).map_err(io(ctx))?;
             let existed = t.remove(host).map_err(io(ctx))?.is_some();
             if existed {
@@ -423,6 +463,38 @@ impl Store for EmbeddedStore {
     fn expired_leases(&self, now: Millis) -> Result<Vec<Lease>> {
         let leases: Vec<Lease> = self.list_str(LEASES, Kind::Lease)?;
         Ok(leases.into_iter().filter(|l| l.is_expired(now)).collect())
+    }
+
+    fn watch(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+impl Leadership for EmbeddedStore {
+    /// Wins at once unless another guard of this store is held; then waits
+    /// for it to be dropped. `ttl` is unused: a guard can only be lost with
+    /// the process, which takes the store with it.
+    fn campaign(&self, candidate: &str, _ttl: Duration) -> Result<LeaderGuard> {
+        let (slot, freed) = &*self.leader;
+        let mut held = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        while held.is_some() {
+            held = freed.wait(held).unwrap_or_else(PoisonError::into_inner);
+        }
+        *held = Some(candidate.to_owned());
+        drop(held);
+        let (tx, rx) = watch::channel(true);
+        let leader = Arc::clone(&self.leader);
+        Ok(LeaderGuard::new(candidate, rx, move || {
+            drop(tx);
+            let (slot, freed) = &*leader;
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            freed.notify_one();
+        }))
+    }
+
+    fn leader(&self) -> Result<Option<String>> {
+        let (slot, _) = &*self.leader;
+        Ok(slot.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
 }
 
@@ -495,6 +567,87 @@ mod tests {
         let _first = EmbeddedStore::open(dir.path()).unwrap();
         let err = EmbeddedStore::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn watch_wakes_after_each_commit_but_not_for_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut rx = store.watch();
+        assert_eq!(*rx.borrow_and_update(), 0);
+        let app = store
+            .put_app("web", &suite::spec(1), Expect::Absent)
+            .unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), app.generation);
+        store
+            .grant_lease("h1", Duration::from_secs(5), Millis(0))
+            .unwrap();
+        assert!(!rx.has_changed().unwrap(), "a lease grant does not wake");
+        // A failed CAS commits nothing and wakes nobody.
+        assert!(store
+            .put_app("web", &suite::spec(2), Expect::Absent)
+            .is_err());
+        assert!(!rx.has_changed().unwrap());
+        let host = store
+            .put_host("h1", &suite::host_info("a", 1), Expect::Absent)
+            .unwrap();
+        assert_eq!(*rx.borrow_and_update(), host.revision);
+        store.delete_app("web", Expect::Any).unwrap();
+        assert_eq!(*rx.borrow_and_update(), host.revision + 1);
+        drop(store);
+        // A reopened store starts from the revision it left off at.
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(*store.watch().borrow(), host.revision + 1);
+    }
+
+    #[test]
+    fn watch_wakes_an_async_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let mut rx = store.watch();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = std::sync::Arc::clone(&store);
+        rt.block_on(async move {
+            let writer = tokio::task::spawn_blocking(move || {
+                s.put_app("web", &suite::spec(1), Expect::Absent).unwrap()
+            });
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .expect("woken")
+                .unwrap();
+            assert_eq!(*rx.borrow(), writer.await.unwrap().generation);
+        });
+    }
+
+    #[test]
+    fn the_holder_of_the_file_leads_and_a_second_candidate_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        assert_eq!(store.leader().unwrap(), None);
+        let ttl = Duration::from_secs(1);
+        let first = store.campaign("a", ttl).unwrap();
+        assert!(first.is_leader());
+        assert_eq!(store.leader().unwrap().as_deref(), Some("a"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = std::sync::Arc::clone(&store);
+        let waiter = std::thread::spawn(move || {
+            let guard = s.campaign("b", ttl).unwrap();
+            tx.send(guard.is_leader()).unwrap();
+            guard
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(first);
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        let second = waiter.join().unwrap();
+        assert_eq!(store.leader().unwrap().as_deref(), Some("b"));
+        let leading = second.leading();
+        drop(second);
+        assert_eq!(store.leader().unwrap(), None);
+        assert!(leading.has_changed().is_err(), "closed once resigned");
     }
 
     #[test]

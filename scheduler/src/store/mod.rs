@@ -1,9 +1,14 @@
 //! The scheduler's store: the one trait ([`Store`]) through which the
 //! scheduler keeps what it must not lose across restarts (apps' desired
 //! state, hosts, placement records, host leases), the typed records it
-//! holds, and the store's errors. Backends live beside it: [`embedded`]
-//! (redb, one machine); the etcd backend comes later and must pass the same
-//! behaviour suite (`suite.rs`).
+//! holds, and the store's errors; and [`Leadership`], which scheduler
+//! replica is the active one. Backends live beside it: [`embedded`] (redb,
+//! one machine) and [`etcd`] (a cluster); both pass the same behaviour suite
+//! (`suite.rs`).
+//!
+//! Changes are pushed, not polled: [`Store::watch`] hands out a
+//! `tokio::sync::watch::Receiver` of the store revision after the last
+//! change of an app, a host or a placement (lease renewals do not wake it).
 //!
 //! It must not: read a clock (every time is passed in by the caller, so
 //! leases and tests are deterministic), place clones (that is
@@ -16,18 +21,24 @@
 //! are serialised by the database itself; an async trait would only wrap
 //! each call in `spawn_blocking`. Store calls are few and coarse (a batch of
 //! placements is one call), so the async scheduler calls the store from a
-//! blocking thread, and the etcd backend will drive its async client on a
-//! runtime it owns. A sync trait also keeps the shared test suite plain.
+//! blocking thread, and the etcd backend drives its async client on a
+//! runtime it owns (so it works from any thread, including a
+//! `spawn_blocking` thread of the caller's runtime). A sync trait also keeps
+//! the shared test suite plain.
 
 pub mod embedded;
+pub mod etcd;
 #[cfg(test)]
 mod suite;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 /// The record format this build writes and reads. A record carrying another
 /// `version` is refused with [`StoreError::UnsupportedVersion`].
@@ -518,6 +529,95 @@ pub trait Store: Send + Sync {
     fn revoke_lease(&self, host: &str) -> Result<()>;
     /// The leases that have run out at `now`, by host id.
     fn expired_leases(&self, now: Millis) -> Result<Vec<Lease>>;
+
+    /// Changes, pushed: the receiver holds the store revision after the
+    /// last committed change of an app, a host or a placement (lease grants
+    /// and revokes do not count: heartbeats would wake the scheduler all the
+    /// time), starting at the store's revision when it was opened. Await
+    /// `changed()` on it, then re-list; several changes may be folded into
+    /// one wake-up, and the value only rises. The etcd backend re-establishes
+    /// its watch when the stream breaks; a scheduler still re-lists now and
+    /// then, as a watch cannot report what it missed while etcd was
+    /// unreachable until it is back.
+    fn watch(&self) -> watch::Receiver<u64>;
+}
+
+/// Which of several scheduler replicas is the active one. One candidate at
+/// a time holds leadership; the others wait in [`Leadership::campaign`].
+pub trait Leadership: Send + Sync {
+    /// Block until `candidate` (a name shown by [`Leadership::leader`], e.g.
+    /// the replica's address) leads. `ttl` bounds how long a leader that
+    /// died silently keeps the others waiting (the etcd backend keeps a
+    /// lease of that TTL alive in the background). Call it from a blocking
+    /// thread. Leadership lasts until the guard is dropped (which resigns)
+    /// or the guard reports it lost.
+    fn campaign(&self, candidate: &str, ttl: Duration) -> Result<LeaderGuard>;
+    /// The current leader's candidate name, `None` if nobody leads.
+    fn leader(&self) -> Result<Option<String>>;
+}
+
+/// Held while leading. Dropping it resigns. Once lost (the backend could not
+/// renew it in time, or it was revoked), it stays lost: the holder must stop
+/// acting as the leader and campaign again.
+pub struct LeaderGuard {
+    candidate: String,
+    leading: watch::Receiver<bool>,
+    resign: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl fmt::Debug for LeaderGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaderGuard")
+            .field("candidate", &self.candidate)
+            .field("leading", &self.is_leader())
+            .finish()
+    }
+}
+
+impl LeaderGuard {
+    /// A guard for `candidate`: leading while `leading` says `true` (a
+    /// closed channel means lost); `resign` runs once on drop.
+    pub(crate) fn new(
+        candidate: &str,
+        leading: watch::Receiver<bool>,
+        resign: impl FnOnce() + Send + Sync + 'static,
+    ) -> Self {
+        LeaderGuard {
+            candidate: candidate.to_owned(),
+            leading,
+            resign: Some(Box::new(resign)),
+        }
+    }
+
+    /// The name this guard campaigned with.
+    pub fn candidate(&self) -> &str {
+        &self.candidate
+    }
+
+    /// Whether leadership is still held.
+    pub fn is_leader(&self) -> bool {
+        self.leading.has_changed().is_ok() && *self.leading.borrow()
+    }
+
+    /// A receiver that turns `false` (or closes) when leadership is lost.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
+    }
+
+    /// Wait until leadership is lost.
+    pub async fn lost(&self) {
+        let mut rx = self.leading.clone();
+        // An error means the sender is gone: lost as well.
+        let _ = rx.wait_for(|leading| !leading).await;
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        if let Some(resign) = self.resign.take() {
+            resign();
+        }
+    }
 }
 
 /// Encode a record as the bytes a backend stores.

@@ -1,7 +1,7 @@
 //! The behaviour suite every [`Store`] backend must pass: one function per
 //! behaviour, generic over a [`Harness`] that makes and reopens a backend,
 //! and [`store_suite!`] that turns them into `#[test]`s inside a backend's
-//! test module (`store_suite!(MyHarness);`). The etcd backend reuses it.
+//! test module (`store_suite!(MyHarness);`). Both backends run it.
 //!
 //! It must not: depend on one backend's internals, or read a clock (times
 //! are fixed [`Millis`] values).
@@ -16,7 +16,8 @@ use super::*;
 pub(crate) trait Harness {
     /// The backend.
     type S: Store;
-    /// A new, empty place to keep a store (a temp dir, an etcd key prefix).
+    /// A new, empty place to keep a store (a temp dir, an etcd and a key
+    /// prefix). Tests keep it for as long as they use a store opened in it.
     fn new() -> Self;
     /// Open the store kept there; called again after dropping the previous
     /// handle, it must see everything that handle committed.
@@ -108,7 +109,8 @@ fn assert_not_found(result: Result<impl std::fmt::Debug>, want: Kind) {
 }
 
 pub(crate) fn app_round_trips<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let app = store.put_app("web", &spec(3), Expect::Absent).unwrap();
     assert_eq!(app.version, FORMAT_VERSION);
     assert_eq!(app.spec, spec(3));
@@ -124,7 +126,8 @@ pub(crate) fn app_round_trips<H: Harness>() {
 }
 
 pub(crate) fn missing_records_are_not_found<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     assert_not_found(store.get_app("web"), Kind::App);
     assert_not_found(store.delete_app("web", Expect::Any), Kind::App);
     assert_not_found(store.get_host("h1"), Kind::Host);
@@ -135,7 +138,8 @@ pub(crate) fn missing_records_are_not_found<H: Harness>() {
 }
 
 pub(crate) fn generation_rises_on_every_change_and_is_never_reused<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g1 = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -161,7 +165,8 @@ pub(crate) fn generation_rises_on_every_change_and_is_never_reused<H: Harness>()
 }
 
 pub(crate) fn stale_app_writes_conflict<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g1 = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -196,7 +201,8 @@ pub(crate) fn stale_app_writes_conflict<H: Harness>() {
 }
 
 pub(crate) fn racing_app_writers_exactly_one_wins<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -226,7 +232,8 @@ pub(crate) fn racing_app_writers_exactly_one_wins<H: Harness>() {
 }
 
 pub(crate) fn racing_reconcilers_place_a_slot_once<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -260,7 +267,8 @@ pub(crate) fn racing_reconcilers_place_a_slot_once<H: Harness>() {
 }
 
 pub(crate) fn a_placement_batch_is_all_or_nothing<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g = store
         .put_app("web", &spec(3), Expect::Absent)
         .unwrap()
@@ -286,7 +294,8 @@ pub(crate) fn a_placement_batch_is_all_or_nothing<H: Harness>() {
 }
 
 pub(crate) fn a_stale_app_generation_refuses_placements<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g1 = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -318,7 +327,8 @@ pub(crate) fn a_stale_app_generation_refuses_placements<H: Harness>() {
 }
 
 pub(crate) fn a_placement_update_names_the_record_revision<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -367,7 +377,8 @@ pub(crate) fn a_placement_update_names_the_record_revision<H: Harness>() {
 }
 
 pub(crate) fn placements_list_by_app_and_host<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let web = store
         .put_app("web", &spec(3), Expect::Absent)
         .unwrap()
@@ -435,7 +446,8 @@ pub(crate) fn placements_list_by_app_and_host<H: Harness>() {
 }
 
 pub(crate) fn deleting_an_app_keeps_its_placements_for_the_reconciler<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let g = store
         .put_app("web", &spec(1), Expect::Absent)
         .unwrap()
@@ -461,7 +473,8 @@ pub(crate) fn deleting_an_app_keeps_its_placements_for_the_reconciler<H: Harness
 }
 
 pub(crate) fn hosts_round_trip_with_cas<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let h1 = store
         .put_host("h1", &host_info("a", 1_000), Expect::Absent)
         .unwrap();
@@ -498,7 +511,8 @@ pub(crate) fn hosts_round_trip_with_cas<H: Harness>() {
 }
 
 pub(crate) fn leases_expire_by_the_callers_clock<H: Harness>() {
-    let store = H::new().open();
+    let mut harness = H::new();
+    let store = harness.open();
     let ttl = Duration::from_secs(5);
     let lease = store.grant_lease("h1", ttl, Millis(1_000)).unwrap();
     assert_eq!((lease.expires_at, lease.ttl_ms), (Millis(6_000), 5_000));
