@@ -18,7 +18,8 @@ use axum::http::Method;
 use prometheus_client::registry::Registry;
 use scheduler::service::{Config, Scheduler};
 use scheduler::store::embedded::EmbeddedStore;
-use scheduler::store::Store;
+use scheduler::store::etcd::EtcdStore;
+use scheduler::store::{Leadership, Store};
 use scheduler::wire::{AppBody, AppStatus, HostView};
 use serde::de::DeserializeOwned;
 
@@ -109,20 +110,33 @@ pub fn run(a: SchedulerArgs) -> anyhow::Result<i32> {
         None => Tokens::none(),
     };
     crate::daemon::refuse_open_tcp(&listens, a.tokens.is_some())?;
-    let store: Box<dyn Store> = match a
+    let candidate = listens
+        .iter()
+        .find_map(|l| match l {
+            Listen::Tcp(addr) => Some(format!("http://{addr}")),
+            Listen::Unix(_) => None,
+        })
+        .unwrap_or_else(|| format!("pid {}", std::process::id()));
+    // The store, and (etcd) a second connection that campaigns for the
+    // lead. The embedded store is one process's file: it always leads.
+    let (store, election): (Box<dyn Store>, Option<EtcdStore>) = match a
         .store
         .clone()
         .unwrap_or_else(|| StoreArg::Embedded(state_dir.join("scheduler")))
     {
-        StoreArg::Embedded(dir) => Box::new(
-            EmbeddedStore::open(&dir)
-                .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
+        StoreArg::Embedded(dir) => (
+            Box::new(
+                EmbeddedStore::open(&dir)
+                    .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
+            ),
+            None,
         ),
         StoreArg::Etcd(urls) => {
-            bail!(
-                "the etcd store ({}) is not in this build yet; use --store embedded:DIR",
-                urls.join(",")
-            )
+            let store = EtcdStore::connect(&urls, None)
+                .with_context(|| format!("connecting to etcd at {}", urls.join(",")))?;
+            let election = EtcdStore::connect(&urls, None)
+                .with_context(|| format!("connecting to etcd at {}", urls.join(",")))?;
+            (Box::new(store), Some(election))
         }
     };
     let cfg = Config {
@@ -138,9 +152,15 @@ pub fn run(a: SchedulerArgs) -> anyhow::Result<i32> {
         registry: Arc::new(registry),
         http,
         metrics,
-        // The embedded store is one process's: it always leads.
-        leader: Arc::new(AtomicBool::new(true)),
+        leader: Arc::new(AtomicBool::new(election.is_none())),
     };
+    if let Some(election) = election {
+        let leader = state.leader.clone();
+        let lease = Duration::from_millis(a.lease_ttl_ms.clamp(1000, 10_000));
+        std::thread::Builder::new()
+            .name("election".into())
+            .spawn(move || campaign(election, candidate, lease, leader))?;
+    }
     let tokens: SharedTokens = Arc::new(RwLock::new(tokens));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -166,6 +186,29 @@ pub fn run(a: SchedulerArgs) -> anyhow::Result<i32> {
     });
     tracing::info!("stopped");
     result.map(|_| 0)
+}
+
+/// Campaigns for the lead forever: leads until the guard says it is lost,
+/// then campaigns again. Only the leader runs the reconcile loop; every
+/// replica serves the API and heartbeats (the store is shared).
+fn campaign(election: EtcdStore, candidate: String, ttl: Duration, leader: Arc<AtomicBool>) {
+    loop {
+        match election.campaign(&candidate, ttl) {
+            Ok(guard) => {
+                tracing::info!(candidate = %candidate, "this replica leads");
+                leader.store(true, Ordering::SeqCst);
+                while guard.is_leader() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                leader.store(false, Ordering::SeqCst);
+                tracing::warn!(candidate = %candidate, "this replica lost the lead; campaigning again");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed; retrying in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// Where the app and host commands send their requests.
