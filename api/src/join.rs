@@ -362,6 +362,19 @@ impl Agent {
                     frozen.insert(key);
                 }
                 Ok(info) if info.status == MasterStatus::Failed => {
+                    // Its slots here cannot start: say why, so the
+                    // scheduler's status shows it (never a silent shortfall).
+                    let why = format!(
+                        "master {key} failed on this host: {}",
+                        info.reason.as_deref().unwrap_or("no reason given")
+                    );
+                    let mut l = lock(&self.local);
+                    for i in a.instances.iter().filter(|i| i.master == key) {
+                        l.failed
+                            .entry(i.instance_id.clone())
+                            .or_insert_with(|| (i.app.clone(), i.slot, why.clone()));
+                    }
+                    drop(l);
                     self.retry_failed_master(&key, info.reason.as_deref());
                 }
                 Ok(_) => {}
