@@ -77,6 +77,10 @@ pub struct DaemonArgs {
     /// Guest memory of live VMs may reach this many times host RAM.
     #[arg(long, default_value_t = 1.5)]
     pub memory_ratio: f64,
+    /// File holding the bearer token this daemon sends to peer daemons
+    /// (`master fetch`) and to the scheduler.
+    #[arg(long)]
+    pub peer_token_file: Option<PathBuf>,
 }
 
 /// The Unix socket path of the daemon serving `state_dir`.
@@ -126,6 +130,15 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    let peer_token = match &a.peer_token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --peer-token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
     let tokens: SharedTokens = Arc::new(RwLock::new(tokens));
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -147,6 +160,7 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
         runtime: runtime.clone(),
         registry: Arc::new(registry),
         http,
+        peer_token,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
