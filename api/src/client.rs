@@ -208,14 +208,22 @@ impl Client {
         }
     }
 
-    /// Sends one request with a raw body (`content_type` when given).
-    pub async fn send(
+    /// Sends one request and returns its answer's head and body unread,
+    /// with the task that drives the connection (abort it when done).
+    async fn request(
         &self,
         method: Method,
         path: &str,
         content_type: Option<&str>,
         body: Vec<u8>,
-    ) -> Result<Answer, ClientError> {
+    ) -> Result<
+        (
+            hyper::http::response::Parts,
+            hyper::body::Incoming,
+            tokio::task::JoinHandle<hyper::Result<()>>,
+        ),
+        ClientError,
+    > {
         let conn = self.connect().await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
             .await
@@ -234,21 +242,58 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                driver.abort();
+                return Err(ClientError::Http(e.to_string()));
+            }
+        };
         let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        Ok((parts, body, driver))
+    }
+
+    /// Sends one request with a raw body (`content_type` when given).
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Answer, ClientError> {
+        let (parts, body, driver) = self.request(method, path, content_type, body).await?;
+        let body = body.collect().await.map(|b| b.to_bytes());
         driver.abort();
         Ok(Answer {
             status: parts.status,
             headers: parts.headers,
+            body: body.map_err(|e| ClientError::Http(e.to_string()))?,
+        })
+    }
+
+    /// `GET path` whose (2xx) body is read as it arrives, never held whole
+    /// (a master's memory stream is GiBs). An error answer is read whole
+    /// and returned as [`Answer::decode`] reports it.
+    pub async fn get_stream(&self, path: &str) -> Result<BodyStream, ClientError> {
+        let (parts, body, driver) = self.request(Method::GET, path, None, Vec::new()).await?;
+        if !parts.status.is_success() {
+            let body = body.collect().await.map(|b| b.to_bytes());
+            driver.abort();
+            let answer = Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.map_err(|e| ClientError::Http(e.to_string()))?,
+            };
+            return Err(answer
+                .decode::<serde_json::Value>()
+                .err()
+                .unwrap_or_else(|| answer.unexpected()));
+        }
+        Ok(BodyStream {
+            status: parts.status,
+            headers: parts.headers,
             body,
+            driver,
         })
     }
 
@@ -321,6 +366,40 @@ impl Client {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         Ok(ExecSocket { ws })
+    }
+}
+
+/// A 2xx answer whose body is being read ([`Client::get_stream`]).
+#[derive(Debug)]
+pub struct BodyStream {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: hyper::HeaderMap,
+    body: hyper::body::Incoming,
+    driver: tokio::task::JoinHandle<hyper::Result<()>>,
+}
+
+impl BodyStream {
+    /// The next bytes of the body; `None` at its (clean) end. An error
+    /// when the connection broke before the end.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, ClientError>> {
+        loop {
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => return Some(Err(ClientError::Http(e.to_string()))),
+            }
+        }
+    }
+}
+
+impl Drop for BodyStream {
+    fn drop(&mut self) {
+        self.driver.abort();
     }
 }
 

@@ -613,13 +613,24 @@ fn daemon_name(m: &MasterAssignment) -> String {
     }
 }
 
-/// Receives `m`'s snapshot from the daemon at `from` and registers it here;
-/// returns the bytes received.
+/// Receives `m`'s snapshot from the daemon at `from` and registers it here
+/// under its tenant; returns the bytes that crossed the wire. The peer is
+/// asked as the cluster's admin, so the source name is the daemon name.
 async fn fetch_master(
-    _rt: &Arc<Runtime>,
-    _m: &MasterAssignment,
-    _from: &str,
-    _token: Option<String>,
+    rt: &Arc<Runtime>,
+    m: &MasterAssignment,
+    from: &str,
+    token: Option<String>,
 ) -> Result<u64, String> {
-    Err("master transfer between daemons is not in this build yet".into())
+    let fetched = crate::peer::fetch_master(
+        rt,
+        &tenant(&m.tenant),
+        from,
+        token.as_deref(),
+        &daemon_name(m),
+        &m.spec.name,
+    )
+    .await
+    .map_err(|e| format!("{} ({})", e.message, e.code))?;
+    Ok(fetched.transfer.wire_bytes)
 }

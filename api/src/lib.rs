@@ -29,6 +29,7 @@ pub mod client;
 pub mod cluster;
 pub mod error;
 pub mod join;
+pub mod peer;
 pub mod routes;
 pub mod types;
 
@@ -92,6 +93,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// HTTP metrics.
     pub http: HttpMetrics,
+    /// The bearer token this daemon sends to peer daemons (`--peer-token-file`).
+    pub peer_token: Option<String>,
 }
 
 /// Runs a blocking runtime call off the async threads.
@@ -119,6 +122,7 @@ where
     paths(
         routes::masters::create, routes::masters::list, routes::masters::get,
         routes::masters::delete, routes::masters::save, routes::masters::load,
+        routes::transfer::offer, routes::transfer::memory, routes::transfer::fetch,
         routes::instances::create, routes::instances::list, routes::instances::get,
         routes::instances::delete, routes::instances::ttl, routes::instances::health,
         routes::instances::console,
@@ -200,7 +204,7 @@ pub(crate) async fn not_found() -> ApiError {
 /// The whole router. The daemon adds an `Extension` of [`auth::Transport`]
 /// and of [`auth::SharedTokens`] per listener.
 pub fn app(state: AppState) -> Router {
-    use routes::{exec, instances, masters, system};
+    use routes::{exec, instances, masters, system, transfer};
     let http = state.http.clone();
     Router::new()
         .route("/v1/masters", post(masters::create).get(masters::list))
@@ -210,6 +214,9 @@ pub fn app(state: AppState) -> Router {
             get(masters::get).delete(masters::delete),
         )
         .route("/v1/masters/{name}/snapshot", post(masters::save))
+        .route("/v1/masters:fetch", post(transfer::fetch))
+        .route("/v1/masters/{name}/snapshot/offer", get(transfer::offer))
+        .route("/v1/masters/{name}/snapshot/memory", get(transfer::memory))
         .route(
             "/v1/instances",
             post(instances::create).get(instances::list),

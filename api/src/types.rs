@@ -349,3 +349,58 @@ pub struct ConsoleQuery {
     #[serde(default)]
     pub follow: bool,
 }
+
+/// `POST /v1/masters:fetch`: pull a master from a peer daemon.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FetchMaster {
+    /// The name it gets here.
+    #[schema(pattern = "^[a-z0-9][a-z0-9.-]{0,39}$")]
+    pub name: String,
+    /// The peer daemon: `http://HOST:PORT` (its TCP listener; this daemon
+    /// sends its `--peer-token-file` token).
+    pub from: String,
+    /// Its name on the peer (default: `name`).
+    #[serde(default)]
+    pub source_name: Option<String>,
+}
+
+/// What a fetch moved.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TransferStats {
+    /// Guest memory size, bytes.
+    pub memory_bytes: u64,
+    /// Non-zero memory bytes a whole stream carries.
+    pub payload_bytes: u64,
+    /// Bytes of response bodies received from the peer (offers and memory
+    /// streams, all attempts).
+    pub wire_bytes: u64,
+    /// Memory streams opened (1 when nothing was cut).
+    pub attempts: u32,
+    /// Memory streams that resumed from a nonzero offset.
+    pub resumed: u32,
+    /// Wall time of the whole fetch (checks and registration included), s.
+    pub seconds: f64,
+    /// `wire_bytes` per second of `seconds`, MiB/s.
+    pub mib_per_s: f64,
+}
+
+/// `201` of `POST /v1/masters:fetch`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MasterFetched {
+    /// The new master.
+    pub master: MasterInfo,
+    /// The transfer.
+    pub transfer: TransferStats,
+}
+
+/// `?offset=` of the memory stream.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct OffsetQuery {
+    /// Memory offset to start from (a multiple of 4096; default 0): a
+    /// receiver resumes from the end of the last whole record it wrote.
+    #[serde(default)]
+    pub offset: u64,
+}

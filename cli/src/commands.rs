@@ -77,6 +77,9 @@ pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        MasterCmd::Fetch { .. } => bail!(
+            "master fetch goes through the zygote daemon (it pulls from a peer daemon over HTTP): start `zygote daemon`, or name it with --host"
+        ),
         MasterCmd::Rm { name, force } => {
             host::master::remove(&store, &name, force)?;
             Ok(0)

@@ -120,7 +120,11 @@ pub(crate) fn refuse_open_tcp(listens: &[Listen], have_tokens: bool) -> anyhow::
     Ok(())
 }
 
-fn join_config(a: &DaemonArgs, listens: &[Listen]) -> anyhow::Result<Option<JoinConfig>> {
+fn join_config(
+    a: &DaemonArgs,
+    listens: &[Listen],
+    token: Option<String>,
+) -> anyhow::Result<Option<JoinConfig>> {
     let Some(url) = &a.join else { return Ok(None) };
     let mut labels = BTreeMap::new();
     for l in &a.labels {
@@ -149,15 +153,6 @@ fn join_config(a: &DaemonArgs, listens: &[Listen]) -> anyhow::Result<Option<Join
     let host_id = match &a.host_id {
         Some(h) => h.clone(),
         None => nix_hostname()?,
-    };
-    let token = match &a.peer_token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading --peer-token-file {}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
     };
     Ok(Some(JoinConfig {
         schedulers: url
@@ -218,7 +213,16 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
         None => Tokens::none(),
     };
     refuse_open_tcp(&listens, a.tokens.is_some())?;
-    let join = join_config(&a, &listens)?;
+    let peer_token = match &a.peer_token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --peer-token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let join = join_config(&a, &listens, peer_token.clone())?;
     let tokens: SharedTokens = Arc::new(RwLock::new(tokens));
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -240,6 +244,7 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
         runtime: runtime.clone(),
         registry: Arc::new(registry),
         http,
+        peer_token,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -182,6 +182,18 @@ pub(crate) enum MasterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Pull master NAME from a peer daemon (data pages only, checksummed,
+    /// resumed where it stopped); needs the daemon.
+    Fetch {
+        /// The name it gets here.
+        name: String,
+        /// The peer daemon: http://HOST:PORT.
+        #[arg(long)]
+        from: String,
+        /// Its name on the peer (default: NAME).
+        #[arg(long)]
+        source_name: Option<String>,
+    },
     /// Remove a master.
     Rm {
         /// Master name.

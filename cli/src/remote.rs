@@ -349,6 +349,12 @@ struct Master {
 }
 
 #[derive(Debug, Deserialize)]
+struct Fetched {
+    master: Master,
+    transfer: api::types::TransferStats,
+}
+
+#[derive(Debug, Deserialize)]
 struct Saved {
     dir: String,
     memory_bytes: u64,
@@ -430,6 +436,31 @@ fn master(r: &Remote, what: MasterCmd) -> anyhow::Result<i32> {
             master_create(r, &name, &body, warmup.as_deref())
         }
         MasterCmd::Ls { json } => master_ls(r, json),
+        MasterCmd::Fetch {
+            name,
+            from,
+            source_name,
+        } => {
+            let f: Fetched = r
+                .post(
+                    "/v1/masters:fetch",
+                    &json!({ "name": name, "from": from, "source_name": source_name }),
+                )
+                .map_err(say)
+                .with_context(|| format!("fetching master {name} from {from}"))?;
+            let t = &f.transfer;
+            eprintln!(
+                "zygote: fetched {} from {from} in {:.1} s: {} MiB of RAM, {:.1} MiB over the wire ({:.0} MiB/s, {} attempt(s))",
+                f.master.name,
+                t.seconds,
+                t.memory_bytes >> 20,
+                t.wire_bytes as f64 / (1 << 20) as f64,
+                t.mib_per_s,
+                t.attempts
+            );
+            println!("{}", f.master.name);
+            Ok(0)
+        }
         MasterCmd::Rm { name, force } => {
             let path = format!("{}?force={force}", master_path(&name));
             match r.delete(&path) {

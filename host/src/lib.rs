@@ -24,4 +24,5 @@ pub mod run;
 pub mod runtime;
 pub mod store;
 pub mod supervise;
+pub mod transfer;
 pub mod vmm;

@@ -239,6 +239,23 @@ pub fn save(store: &Store, name: &str, dst: &Path) -> Result<snapshotter::SaveSt
 /// directory's name). The memory file is checked once here, then mapped
 /// copy-on-write by every clone straight from `dir`.
 pub fn load(store: &Store, dir: &Path, name: Option<&str>) -> Result<MasterRecord, MasterError> {
+    load_as(store, dir, name, false)
+}
+
+/// As [`load`], but the snapshot in `dir` (a directory of the store's, e.g.
+/// a received transfer) is moved into the master's directory, so that it
+/// goes with the master when the master is removed. On error `dir` is
+/// left where it was, or removed if it had been moved already.
+pub fn load_moving(store: &Store, dir: &Path, name: &str) -> Result<MasterRecord, MasterError> {
+    load_as(store, dir, Some(name), true)
+}
+
+fn load_as(
+    store: &Store,
+    dir: &Path,
+    name: Option<&str>,
+    take: bool,
+) -> Result<MasterRecord, MasterError> {
     let dir = std::fs::canonicalize(dir).map_err(|_| snapshotter::Error::NotFound {
         path: dir.to_path_buf(),
     })?;
@@ -254,6 +271,16 @@ pub fn load(store: &Store, dir: &Path, name: Option<&str>) -> Result<MasterRecor
     snapshotter::verify_memory(&snap)?;
     let state = check_state(&dir)?;
     let tmp = store.new_master_dir(&name)?;
+    let dir = if take {
+        let inside = tmp.join("snapshot");
+        if let Err(source) = std::fs::rename(&dir, &inside) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(StoreError::Io { path: dir, source }.into());
+        }
+        store.master_dir(&name).join("snapshot")
+    } else {
+        dir
+    };
     let rec = MasterRecord {
         version: RECORD_VERSION,
         name: name.clone(),

@@ -849,12 +849,59 @@ impl Runtime {
         Ok(master::save(&self.store, &store_name, dst)?)
     }
 
+    /// The snapshot directory of a frozen master (what a peer is sent).
+    pub fn master_snapshot(&self, tenant: &Tenant, name: &str) -> Result<PathBuf, RuntimeError> {
+        let t = lock(&self.tables);
+        let m = self.find_master(&t, tenant, name)?;
+        match (&m.snapshot, m.status) {
+            (Some(dir), MasterStatus::Frozen) => Ok(dir.clone()),
+            _ => Err(RuntimeError::Conflict(format!(
+                "master {name:?} is not frozen yet"
+            ))),
+        }
+    }
+
+    /// The name master `name` of `tenant` has in the store (what a
+    /// transfer to it is kept under); checks the name.
+    pub fn master_store_name(&self, tenant: &Tenant, name: &str) -> Result<String, RuntimeError> {
+        crate::store::check_name(name)?;
+        let store_name = Self::store_name(tenant, name);
+        crate::store::check_name(&store_name).map_err(|_| {
+            RuntimeError::Invalid(format!(
+                "master name {name:?} is too long for tenant {:?} (name + '.' + tenant must fit 40 characters)",
+                tenant.name
+            ))
+        })?;
+        Ok(store_name)
+    }
+
     /// Registers the snapshot in `dir` as a master of `tenant`.
     pub fn load_master(
         &self,
         tenant: &Tenant,
         dir: &std::path::Path,
         name: &str,
+    ) -> Result<MasterInfo, RuntimeError> {
+        self.register_master(tenant, dir, name, false)
+    }
+
+    /// As [`Runtime::load_master`] for a snapshot received from a peer
+    /// (`host::transfer`): the directory is moved into the master's own.
+    pub fn receive_master(
+        &self,
+        tenant: &Tenant,
+        dir: &std::path::Path,
+        name: &str,
+    ) -> Result<MasterInfo, RuntimeError> {
+        self.register_master(tenant, dir, name, true)
+    }
+
+    fn register_master(
+        &self,
+        tenant: &Tenant,
+        dir: &std::path::Path,
+        name: &str,
+        take: bool,
     ) -> Result<MasterInfo, RuntimeError> {
         let store_name = Self::store_name(tenant, name);
         crate::store::check_name(name)?;
@@ -863,7 +910,11 @@ impl Runtime {
                 "a master named {name:?} exists already"
             )));
         }
-        let mut rec = master::load(&self.store, dir, Some(&store_name))?;
+        let mut rec = if take {
+            master::load_moving(&self.store, dir, &store_name)?
+        } else {
+            master::load(&self.store, dir, Some(&store_name))?
+        };
         if tenant.owner().is_some() {
             rec.tenant = tenant.owner();
             rec.display_name = Some(name.to_string());

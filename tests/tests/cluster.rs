@@ -123,7 +123,13 @@ impl Bed {
         a.json()
     }
 
-    fn wait_app(&self, name: &str, what: &str, limit: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    fn wait_app(
+        &self,
+        name: &str,
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Value {
         let t0 = Instant::now();
         loop {
             let a = self.app(name);
@@ -140,7 +146,8 @@ impl Bed {
     }
 
     fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log")))
+            .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -159,7 +166,9 @@ impl Drop for Bed {
 /// empty when the host does not answer.
 fn live_on(rt: &tokio::runtime::Runtime, c: &Client, app: &str) -> Vec<(u32, String)> {
     let path = format!("/v1/instances?label=zygote.app%3D{app}&limit=1000");
-    let Ok(Ok(a)) = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), c.get(&path)).await }) else {
+    let Ok(Ok(a)) =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), c.get(&path)).await })
+    else {
         return Vec::new();
     };
     if a.status != 200 {
@@ -173,7 +182,11 @@ fn live_on(rt: &tokio::runtime::Runtime, c: &Client, app: &str) -> Vec<(u32, Str
         .filter(|i| matches!(i["state"].as_str(), Some("starting" | "running")))
         .map(|i| {
             (
-                i["labels"]["zygote.slot"].as_str().unwrap_or("?").parse().unwrap_or(u32::MAX),
+                i["labels"]["zygote.slot"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .parse()
+                    .unwrap_or(u32::MAX),
                 i["id"].as_str().unwrap_or("").to_string(),
             )
         })
@@ -247,25 +260,43 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     let rt = &bed.rt;
 
     // Bad input first: nothing of it may stick.
-    let (code, body) = bed.put_app("bad", &json!({"master": {"name": "web"}, "instances": 1, "colour": "red"}));
+    let (code, body) = bed.put_app(
+        "bad",
+        &json!({"master": {"name": "web"}, "instances": 1, "colour": "red"}),
+    );
     assert_eq!(code, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("colour"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("colour"),
+        "{body}"
+    );
     let (code, body) = bed.put_app("Bad!", &app_body(1));
     assert_eq!(code, 400, "{body}");
     let (code, body) = bed.put_app("bad", &json!({"master": {"name": "web"}, "instances": 1, "placement": {"constraints": ["zone in (a"]}}));
     assert_eq!(code, 400, "{body}");
     let (code, _) = bed.put_app("nowhere", &json!({"master": {"name": "web", "memory_mib": 128}, "instances": 2, "placement": {"constraints": ["gpu=yes"]}}));
     assert_eq!(code, 201);
-    let a = bed.wait_app("nowhere", "a stated shortfall", Duration::from_secs(20), |a| !a["shortfall"].is_null());
+    let a = bed.wait_app(
+        "nowhere",
+        "a stated shortfall",
+        Duration::from_secs(20),
+        |a| !a["shortfall"].is_null(),
+    );
     assert_eq!(a["shortfall"]["reason"], "constraints", "{a:#}");
     assert_eq!(a["shortfall"]["unplaced"], 2);
     assert_eq!(a["running"], 0);
     let (code, _) = bed.put_app("huge", &json!({"master": {"name": "web", "memory_mib": 65536}, "instances": 3, "placement": {"constraints": ["host=h1"]}}));
     assert_eq!(code, 201);
-    let a = bed.wait_app("huge", "a stated shortfall", Duration::from_secs(20), |a| !a["shortfall"].is_null());
+    let a = bed.wait_app("huge", "a stated shortfall", Duration::from_secs(20), |a| {
+        !a["shortfall"].is_null()
+    });
     assert_eq!(a["shortfall"]["reason"], "capacity", "{a:#}");
     for name in ["nowhere", "huge"] {
-        let d = rt.block_on(bed.scheduler().delete(&format!("/v1/apps/{name}"))).unwrap();
+        let d = rt
+            .block_on(bed.scheduler().delete(&format!("/v1/apps/{name}")))
+            .unwrap();
         assert_eq!(d.status, 204);
     }
 
@@ -276,11 +307,16 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     let (code, again) = bed.put_app("web", &app_body(30));
     assert_eq!(code, 200, "declaring the same app again is idempotent");
     assert_eq!(again["generation"], body["generation"]);
-    let a = bed.wait_app("web", "30 running", Duration::from_secs(300), |a| a["running"] == 30);
+    let a = bed.wait_app("web", "30 running", Duration::from_secs(300), |a| {
+        a["running"] == 30
+    });
     eprintln!("30 instances running on 3 hosts after {:?}", t0.elapsed());
     let spread = per_host(&a);
     assert_eq!(spread.len(), 3, "{a:#}");
-    assert!(spread.values().all(|n| (9..=11).contains(n)), "10 per host (±1): {spread:?}");
+    assert!(
+        spread.values().all(|n| (9..=11).contains(n)),
+        "10 per host (±1): {spread:?}"
+    );
     let mut booted = 0;
     for i in 1..=3 {
         let m = rt.block_on(bed.host(i).get("/v1/masters/web")).unwrap();
@@ -291,7 +327,10 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
             booted += 1;
         }
     }
-    assert_eq!(booted, 1, "one cold boot; the other hosts received the master as files");
+    assert_eq!(
+        booted, 1,
+        "one cold boot; the other hosts received the master as files"
+    );
     // Every slot once, on the host the scheduler says.
     let mut slots = BTreeSet::new();
     for i in 1..=3 {
@@ -303,7 +342,10 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     // A clone answers and has the master's warm state.
     let (_, id) = live_on(rt, &bed.host(2), "web")[0].clone();
     let out = rt
-        .block_on(bed.host(2).post(&format!("/v1/instances/{id}/exec"), &json!({"argv": ["cat", "/tmp/warm"]})))
+        .block_on(bed.host(2).post(
+            &format!("/v1/instances/{id}/exec"),
+            &json!({"argv": ["cat", "/tmp/warm"]}),
+        ))
         .unwrap();
     assert_eq!(out.status, 200, "{}", out.text());
     assert_eq!(out.json()["stdout"], base64_of("warm\n"), "{}", out.text());
@@ -312,30 +354,50 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     let watch = Watch::start(&bed, 3, "web");
     let killed = Instant::now();
     bed.run(&["kill-host", "3"]);
-    let a = bed.wait_app("web", "30 running on h1 and h2", Duration::from_secs(120), |a| {
-        a["running"] == 30 && per_host(a).keys().all(|h| h != "h3")
-    });
-    eprintln!("restored to 30 on 2 hosts {:?} after the kill", killed.elapsed());
+    let a = bed.wait_app(
+        "web",
+        "30 running on h1 and h2",
+        Duration::from_secs(120),
+        |a| a["running"] == 30 && per_host(a).keys().all(|h| h != "h3"),
+    );
+    eprintln!(
+        "restored to 30 on 2 hosts {:?} after the kill",
+        killed.elapsed()
+    );
     let max = watch.finish();
     assert!(max <= 30, "at most 30 live at any moment, saw {max}");
     let spread = per_host(&a);
     assert_eq!(spread.values().sum::<u64>(), 30);
-    let hosts = rt.block_on(bed.scheduler().get("/v1/hosts")).unwrap().json();
-    let h3 = hosts["hosts"].as_array().unwrap().iter().find(|h| h["id"] == "h3").unwrap().clone();
+    let hosts = rt
+        .block_on(bed.scheduler().get("/v1/hosts"))
+        .unwrap()
+        .json();
+    let h3 = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == "h3")
+        .unwrap()
+        .clone();
     assert_eq!(h3["state"], "lost", "{h3:#}");
     bed.run(&["start-host", "3"]);
 
     // Cut host 2 off, wait until its slots run elsewhere, heal it: its old
     // copies stop; no slot runs twice.
     bed.run(&["cut", "2"]);
-    bed.wait_app("web", "h2's slots placed elsewhere", Duration::from_secs(120), |a| {
-        a["running"] == 30 && per_host(a).keys().all(|h| h != "h2")
-    });
+    bed.wait_app(
+        "web",
+        "h2's slots placed elsewhere",
+        Duration::from_secs(120),
+        |a| a["running"] == 30 && per_host(a).keys().all(|h| h != "h2"),
+    );
     bed.run(&["heal", "2"]);
     let t_heal = Instant::now();
     loop {
         let on2 = live_on(rt, &bed.host(2), "web");
-        let total: usize = (1..=3).map(|i| live_on(rt, &bed.host(i), "web").len()).sum();
+        let total: usize = (1..=3)
+            .map(|i| live_on(rt, &bed.host(i), "web").len())
+            .sum();
         if on2.is_empty() && total == 30 {
             break;
         }
@@ -356,7 +418,9 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     assert_eq!(slots.len(), 30);
 
     // Drain h1: its instances move; then it is empty.
-    let d = rt.block_on(bed.scheduler().post("/v1/hosts/h1/drain", &json!({}))).unwrap();
+    let d = rt
+        .block_on(bed.scheduler().post("/v1/hosts/h1/drain", &json!({})))
+        .unwrap();
     assert_eq!(d.status, 200, "{}", d.text());
     bed.wait_app("web", "h1 drained", Duration::from_secs(120), |a| {
         a["running"] == 30 && per_host(a).keys().all(|h| h != "h1")
@@ -366,8 +430,15 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     let d = rt.block_on(bed.scheduler().delete("/v1/apps/web")).unwrap();
     assert_eq!(d.status, 204);
     let t_del = Instant::now();
-    while (1..=3).map(|i| live_on(rt, &bed.host(i), "web").len()).sum::<usize>() > 0 {
-        assert!(t_del.elapsed() < Duration::from_secs(30), "instances still live after the app's delete");
+    while (1..=3)
+        .map(|i| live_on(rt, &bed.host(i), "web").len())
+        .sum::<usize>()
+        > 0
+    {
+        assert!(
+            t_del.elapsed() < Duration::from_secs(30),
+            "instances still live after the app's delete"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }

@@ -5,3 +5,4 @@ pub mod exec;
 pub mod instances;
 pub mod masters;
 pub mod system;
+pub mod transfer;
