@@ -378,6 +378,8 @@ impl Agent {
                     self.retry_failed_master(&key, info.reason.as_deref());
                 }
                 Ok(_) => {}
+                // Arriving from a peer: wait for it (never boot it too).
+                Err(_) if lock(&self.local).fetching.contains(&key) => {}
                 Err(_) => self.make_master(m, key),
             }
         }
