@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bench_api;
 pub mod bench_clone;
 pub mod bench_placement;
+pub mod bench_scale;
 pub mod fork_bench;
 pub mod peer;
 pub mod plot;

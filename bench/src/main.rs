@@ -103,6 +103,31 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster on this machine (`scripts/cluster up`): scale an app from
+    /// 1 to N instances in one request, then kill hosts.
+    Scale {
+        /// Hosts (daemons in network namespaces).
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Instances to scale to.
+        #[arg(long, default_value_t = 300)]
+        instances: u32,
+        /// Hosts to kill once all are ready (daemon and VMs).
+        #[arg(long, default_value_t = 0)]
+        kill: usize,
+        /// Guest RAM of the master, MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        /// Seconds the scale-up may take.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// `scripts/cluster` (default: found above this binary).
+        #[arg(long)]
+        script: Option<PathBuf>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fresh process vs fork() of a prepared VMM, on one snapshot (run by
     /// `clone`; prints one JSON object, µs).
     #[command(hide = true)]
@@ -300,6 +325,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 print!("{}", report.to_table());
             }
             Ok(if report.bars_met { 0 } else { 1 })
+        }
+        BenchCmd::Scale {
+            hosts,
+            instances,
+            kill,
+            memory,
+            timeout,
+            script,
+            json,
+        } => {
+            let opts = bench::bench_scale::ScaleBenchOptions {
+                hosts: hosts.max(1),
+                instances,
+                kill,
+                memory_mib: memory,
+                timeout: Duration::from_secs(timeout.max(1)),
+                script,
+            };
+            let report =
+                bench::bench_scale::bench_scale(&opts, &mut |m| eprintln!("zygote bench: {m}"))
+                    .map_err(anyhow::Error::msg)
+                    .context("scale benchmark")?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            Ok(if report.errors.is_empty() { 0 } else { 1 })
         }
         BenchCmd::ForkBench {
             snapshot,

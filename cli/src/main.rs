@@ -148,7 +148,7 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         what: cluster::HostCmd,
     },
-    /// Benchmarks (`zygote bench boot|clone|api|placement --help`); runs `zygote-bench`,
+    /// Benchmarks (`zygote bench boot|clone|api|placement|scale --help`); runs `zygote-bench`,
     /// which is built next to `zygote`.
     #[command(disable_help_flag = true)]
     Bench {
