@@ -442,13 +442,27 @@ pub fn router(state: ClusterState) -> Router {
         .with_state(state)
 }
 
-/// Runs a reconcile step every `every` while `leader` is set, until
-/// `stop` is. A failing step (the store unreachable) is logged and retried.
+/// Runs a reconcile step when the store changes (its watch: an app
+/// declared, a host joined or lost a slot) and at least every `every`,
+/// while `leader` is set, until `stop` is; steps are at least 50 ms apart.
+/// A failing step (the store unreachable) is logged and retried.
 pub async fn reconcile_loop(state: ClusterState, every: Duration, stop: Arc<AtomicBool>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changes = state.service.store().watch();
     while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
+        let t0 = tokio::time::Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            r = changes.changed() => {
+                if r.is_err() {
+                    // The store dropped its side: fall back to the timer.
+                    tokio::time::sleep(every).await;
+                }
+            }
+        }
+        let spent = t0.elapsed();
+        if spent < Duration::from_millis(50) {
+            tokio::time::sleep(Duration::from_millis(50) - spent).await;
+        }
         let leads = st_leads(&state);
         state.metrics.leader.set(i64::from(leads));
         if !leads {

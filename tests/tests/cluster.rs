@@ -289,9 +289,12 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
     assert_eq!(a["running"], 0);
     let (code, _) = bed.put_app("huge", &json!({"master": {"name": "web", "memory_mib": 65536}, "instances": 3, "placement": {"constraints": ["host=h1"]}}));
     assert_eq!(code, 201);
-    let a = bed.wait_app("huge", "a stated shortfall", Duration::from_secs(20), |a| {
-        !a["shortfall"].is_null()
-    });
+    let a = bed.wait_app(
+        "huge",
+        "a capacity shortfall",
+        Duration::from_secs(20),
+        |a| a["shortfall"]["reason"] == "capacity",
+    );
     assert_eq!(a["shortfall"]["reason"], "capacity", "{a:#}");
     for name in ["nowhere", "huge"] {
         let d = rt
@@ -356,6 +359,21 @@ fn an_app_spreads_survives_a_lost_host_and_never_doubles() {
         .unwrap();
     assert_eq!(out.status, 200, "{}", out.text());
     assert_eq!(out.json()["stdout"], "warm\n", "{}", out.text());
+
+    // Constraints hold: an app pinned to h2 runs there only (from the
+    // master h2 already holds), and goes away whole.
+    let mut pinned = app_body(3);
+    pinned["placement"]["constraints"] = json!(["host=h2"]);
+    let (code, b) = bed.put_app("pinned", &pinned);
+    assert_eq!(code, 201, "{b}");
+    let a = bed.wait_app("pinned", "3 running on h2", Duration::from_secs(120), |a| {
+        a["running"] == 3
+    });
+    assert_eq!(per_host(&a).keys().collect::<Vec<_>>(), ["h2"], "{a:#}");
+    let d = rt
+        .block_on(bed.scheduler().delete("/v1/apps/pinned"))
+        .unwrap();
+    assert_eq!(d.status, 204);
 
     // Kill host 3 (daemon and VMs): back to 30 on hosts 1 and 2, never more.
     let watch = Watch::start(&bed, 3, "web");
