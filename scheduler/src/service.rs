@@ -466,7 +466,7 @@ impl<S: Store + ?Sized> Scheduler<S> {
         placements: &[&Placement],
         hosts: &[store::Host],
         full_name: bool,
-        _now: Millis,
+        now: Millis,
     ) -> AppStatus {
         let desired = app.spec.instances;
         let mut per_host: BTreeMap<String, HostCount> = BTreeMap::new();
@@ -513,6 +513,29 @@ impl<S: Store + ?Sized> Scheduler<S> {
                 });
             }
         }
+        let events: Vec<AppEvent> = lock(&self.events)
+            .get(&app.name)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default();
+        if shortfall.is_none() && running < desired {
+            // Slots that keep failing are placed again and show as
+            // starting: say so, with the latest reason.
+            let recent: Vec<&AppEvent> = events
+                .iter()
+                .filter(|e| e.action == "failed" && now.0.saturating_sub(e.at_ms) <= 60_000)
+                .collect();
+            if let Some(last) = recent.last() {
+                shortfall = Some(ShortfallView {
+                    reason: "failures".into(),
+                    unplaced: desired - running,
+                    message: format!(
+                        "{} instance failure(s) in the last minute; the latest: {}",
+                        recent.len(),
+                        last.reason
+                    ),
+                });
+            }
+        }
         let (_, short) = split_key(&app.name);
         AppStatus {
             name: if full_name {
@@ -528,10 +551,7 @@ impl<S: Store + ?Sized> Scheduler<S> {
             per_host,
             shortfall,
             master_hosts,
-            events: lock(&self.events)
-                .get(&app.name)
-                .map(|q| q.iter().cloned().collect())
-                .unwrap_or_default(),
+            events,
         }
     }
 
