@@ -315,6 +315,7 @@ pub async fn get_host(
 ) -> Result<Json<HostView>, ApiError> {
     admin_only(&caller)?;
     let Path(id) = id?;
+    scheduler::service::check_host_id(&id)?;
     let svc = st.service.clone();
     let hosts = run(move || svc.hosts(now())).await?;
     hosts
