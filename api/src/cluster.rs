@@ -30,8 +30,41 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, CommonErrors};
+use crate::error::{ApiError, ErrorBody};
 use crate::{BearerAuth, HttpMetrics, MAX_BODY_BYTES};
+
+/// The error answers of the scheduler's routes, for its OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+pub enum SchedulerErrors {
+    /// A field out of range, a bad name, host id or constraint.
+    #[response(status = 400)]
+    BadRequest(#[to_schema] ErrorBody),
+    /// No token, or an unknown one.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Hosts are the admin's: a tenant's token.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such app (for this tenant) or host.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The store kept changing under the request: retry.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// The body is over the size limit.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Wrong content type.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// Well-formed JSON that does not fit the body (a wrong type, an
+    /// unknown or missing field).
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// The store is unreachable (etcd down): retry.
+    #[response(status = 503)]
+    StoreUnavailable(ErrorBody),
+}
 
 /// The scheduler over any store backend.
 pub type Service = Scheduler<dyn Store>;
@@ -171,10 +204,10 @@ pub struct ScaleBody {
 /// Declare an app's desired state (idempotent). 201 when it is new, 200
 /// when it existed (changed or not).
 #[utoipa::path(put, path = "/v1/apps/{name}", tag = "apps",
-    params(("name" = String, Path, description = "App name")),
+    params(("name" = String, Path, description = "App name: 1-24 of `a-z 0-9 -`", pattern = "^[a-z0-9][a-z0-9-]{0,23}$")),
     request_body = AppBody,
     responses((status = 200, description = "Updated (or unchanged)", body = AppStatus),
-              (status = 201, description = "Created", body = AppStatus), CommonErrors))]
+              (status = 201, description = "Created", body = AppStatus), SchedulerErrors))]
 pub async fn put_app(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -196,7 +229,7 @@ pub async fn put_app(
 
 /// The caller's apps: desired vs running per host, shortfalls, events.
 #[utoipa::path(get, path = "/v1/apps", tag = "apps",
-    responses((status = 200, body = AppList), CommonErrors))]
+    responses((status = 200, body = AppList), SchedulerErrors))]
 pub async fn list_apps(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -209,8 +242,8 @@ pub async fn list_apps(
 
 /// One app.
 #[utoipa::path(get, path = "/v1/apps/{name}", tag = "apps",
-    params(("name" = String, Path, description = "App name")),
-    responses((status = 200, body = AppStatus), CommonErrors))]
+    params(("name" = String, Path, description = "App name: 1-24 of `a-z 0-9 -`", pattern = "^[a-z0-9][a-z0-9-]{0,23}$")),
+    responses((status = 200, body = AppStatus), SchedulerErrors))]
 pub async fn get_app(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -224,8 +257,8 @@ pub async fn get_app(
 
 /// Remove an app: its instances are stopped on every host.
 #[utoipa::path(delete, path = "/v1/apps/{name}", tag = "apps",
-    params(("name" = String, Path, description = "App name")),
-    responses((status = 204, description = "Removed; its instances stop"), CommonErrors))]
+    params(("name" = String, Path, description = "App name: 1-24 of `a-z 0-9 -`", pattern = "^[a-z0-9][a-z0-9-]{0,23}$")),
+    responses((status = 204, description = "Removed; its instances stop"), SchedulerErrors))]
 pub async fn delete_app(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -240,9 +273,9 @@ pub async fn delete_app(
 
 /// Set an app's instance count.
 #[utoipa::path(post, path = "/v1/apps/{name}/scale", tag = "apps",
-    params(("name" = String, Path, description = "App name")),
+    params(("name" = String, Path, description = "App name: 1-24 of `a-z 0-9 -`", pattern = "^[a-z0-9][a-z0-9-]{0,23}$")),
     request_body = ScaleBody,
-    responses((status = 200, body = AppStatus), CommonErrors))]
+    responses((status = 200, body = AppStatus), SchedulerErrors))]
 pub async fn scale_app(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -260,7 +293,7 @@ pub async fn scale_app(
 
 /// Every host: capacity, zone, labels, masters held, instances, lease.
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
-    responses((status = 200, body = HostList), CommonErrors))]
+    responses((status = 200, body = HostList), SchedulerErrors))]
 pub async fn list_hosts(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -273,8 +306,8 @@ pub async fn list_hosts(
 
 /// One host.
 #[utoipa::path(get, path = "/v1/hosts/{id}", tag = "hosts",
-    params(("id" = String, Path, description = "Host id")),
-    responses((status = 200, body = HostView), CommonErrors))]
+    params(("id" = String, Path, description = "Host id: 1-63 of `A-Z a-z 0-9 . _ -`", pattern = "^[A-Za-z0-9._-]{1,63}$")),
+    responses((status = 200, body = HostView), SchedulerErrors))]
 pub async fn get_host(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -282,6 +315,7 @@ pub async fn get_host(
 ) -> Result<Json<HostView>, ApiError> {
     admin_only(&caller)?;
     let Path(id) = id?;
+    scheduler::service::check_host_id(&id)?;
     let svc = st.service.clone();
     let hosts = run(move || svc.hosts(now())).await?;
     hosts
@@ -293,8 +327,8 @@ pub async fn get_host(
 
 /// Drain a host: its instances move elsewhere, then it stays empty.
 #[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts",
-    params(("id" = String, Path, description = "Host id")),
-    responses((status = 200, body = HostView), CommonErrors))]
+    params(("id" = String, Path, description = "Host id: 1-63 of `A-Z a-z 0-9 . _ -`", pattern = "^[A-Za-z0-9._-]{1,63}$")),
+    responses((status = 200, body = HostView), SchedulerErrors))]
 pub async fn drain(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -308,8 +342,8 @@ pub async fn drain(
 
 /// End a drain: the host takes new instances again.
 #[utoipa::path(post, path = "/v1/hosts/{id}/undrain", tag = "hosts",
-    params(("id" = String, Path, description = "Host id")),
-    responses((status = 200, body = HostView), CommonErrors))]
+    params(("id" = String, Path, description = "Host id: 1-63 of `A-Z a-z 0-9 . _ -`", pattern = "^[A-Za-z0-9._-]{1,63}$")),
+    responses((status = 200, body = HostView), SchedulerErrors))]
 pub async fn undrain(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -324,9 +358,9 @@ pub async fn undrain(
 /// A daemon's heartbeat: its report in, its lease renewed, every instance
 /// slot it must run out (admin token).
 #[utoipa::path(post, path = "/v1/hosts/{id}/heartbeat", tag = "hosts",
-    params(("id" = String, Path, description = "Host id")),
+    params(("id" = String, Path, description = "Host id: 1-63 of `A-Z a-z 0-9 . _ -`", pattern = "^[A-Za-z0-9._-]{1,63}$")),
     request_body = HostReport,
-    responses((status = 200, body = Assignment), CommonErrors))]
+    responses((status = 200, body = Assignment), SchedulerErrors))]
 pub async fn heartbeat(
     State(st): State<ClusterState>,
     Caller(caller): Caller,
@@ -342,7 +376,7 @@ pub async fn heartbeat(
 
 /// Prometheus metrics (text format).
 #[utoipa::path(get, path = "/metrics", tag = "scheduler",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String), CommonErrors))]
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String), SchedulerErrors))]
 pub async fn metrics(
     State(st): State<ClusterState>,
     _caller: Caller,

@@ -618,6 +618,7 @@ impl<S: Store + ?Sized> Scheduler<S> {
     /// host takes no new instances; the reconcile step moves its instances
     /// elsewhere, then marks it `drained`.
     pub fn drain(&self, id: &str, drain: bool, now: Millis) -> Result<HostView, ServiceError> {
+        check_host_id(id)?;
         loop {
             let h = match self.store.get_host(id) {
                 Ok(h) => h,

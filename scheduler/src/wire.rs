@@ -31,6 +31,7 @@ pub struct AppBody {
     /// The image spec: the scheduler makes this master where it is needed.
     pub master: MasterBody,
     /// How many instances should run (0 to 10000).
+    #[schema(maximum = 10000)]
     pub instances: u32,
     /// Where instances go.
     #[serde(default)]
@@ -41,7 +42,6 @@ pub struct AppBody {
     /// `recreate` (default): place a lost host's instances again elsewhere;
     /// `leave`: keep their slots until the host returns.
     #[serde(default = "default_on_host_loss")]
-    #[schema(value_type = String, example = "recreate")]
     pub on_host_loss: OnHostLoss,
     /// The user's labels.
     #[serde(default)]
@@ -56,19 +56,25 @@ fn default_on_host_loss() -> OnHostLoss {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MasterBody {
-    /// Its name (one image cluster-wide, per tenant).
+    /// Its name (one image cluster-wide, per tenant): 1-24 of `a-z 0-9 -`,
+    /// starting with a letter or digit.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,23}$")]
     pub name: String,
-    /// Guest RAM, MiB (default 256).
+    /// Guest RAM, MiB (16 to 1048576; default 256).
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16, maximum = 1048576, default = 256)]
     pub memory_mib: u64,
-    /// vCPUs (default 1).
+    /// vCPUs (1 to 64; default 1).
     #[serde(default = "default_vcpus")]
+    #[schema(minimum = 1, maximum = 64, default = 1)]
     pub vcpus: u32,
     /// Warm-up shell command run before the freeze.
     #[serde(default)]
     pub warmup: Option<String>,
-    /// Hosts that should hold the master ahead of demand (default 0).
+    /// Hosts that should hold the master ahead of demand (0 to 1000;
+    /// default 0).
     #[serde(default)]
+    #[schema(maximum = 1000)]
     pub ahead: u32,
 }
 
@@ -86,17 +92,17 @@ fn default_vcpus() -> u32 {
 pub struct PlacementBody {
     /// `spread` (default) or `binpack`.
     #[serde(default = "default_strategy")]
-    #[schema(value_type = String, example = "spread")]
     pub strategy: crate::store::Strategy,
     /// What `spread` spreads over: `host` (default) or `zone`.
     #[serde(default = "default_spread_by")]
-    #[schema(value_type = String, example = "host")]
     pub spread_by: crate::store::SpreadBy,
     /// Label selectors every host must satisfy: `k=v`, `k!=v`, `k in (a,b)`.
     #[serde(default)]
     pub constraints: Vec<String>,
-    /// At most this many of the app's instances on one host.
+    /// At most this many of the app's instances on one host (at least 1;
+    /// none: no limit).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_per_host: Option<u32>,
 }
 
@@ -127,11 +133,14 @@ pub struct HealthBody {
     /// agent's ping.
     #[serde(default)]
     pub command: Option<String>,
-    /// Seconds between checks (default 10).
+    /// Seconds between checks (1 to 86400; default 10).
     #[serde(default = "default_interval")]
+    #[schema(minimum = 1, maximum = 86400, default = 10)]
     pub interval_s: u32,
-    /// Consecutive failures after which an instance is replaced (default 3).
+    /// Consecutive failures after which an instance is replaced (1 to
+    /// 1000; default 3).
     #[serde(default = "default_failures")]
+    #[schema(minimum = 1, maximum = 1000, default = 3)]
     pub failures_to_replace: u32,
 }
 
@@ -238,7 +247,6 @@ pub struct MasterReport {
     pub name: String,
     /// `frozen` (clones start at once), `files`, or `pending` (booting,
     /// warming, or arriving from a peer).
-    #[schema(value_type = String, example = "frozen")]
     pub state: MasterHeld,
     /// Bytes of its snapshot that travel (data only).
     #[serde(default)]
@@ -300,7 +308,6 @@ pub struct MasterSource {
 pub struct MasterAssignment {
     /// The app's master spec (the daemon's name is `name`, or
     /// `name.TENANT` for a tenant's app).
-    #[schema(value_type = Object)]
     pub spec: MasterSpec,
     /// The tenant that owns it (none: the admin).
     pub tenant: Option<String>,
@@ -323,10 +330,8 @@ pub struct AssignedInstance {
     /// The master (daemon name) it clones.
     pub master: String,
     /// How to check it.
-    #[schema(value_type = Object)]
     pub health: HealthSpec,
     /// What to do when this host loses its lease.
-    #[schema(value_type = String)]
     pub on_host_loss: OnHostLoss,
 }
 

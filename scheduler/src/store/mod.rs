@@ -59,7 +59,7 @@ impl Millis {
 
 /// The image spec of an app's master: what the scheduler boots (or ships)
 /// where clones of it are needed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MasterSpec {
     /// The image name.
     pub name: String,
@@ -77,7 +77,7 @@ pub struct MasterSpec {
 }
 
 /// Spread or pack (mirrors [`crate::placement::Strategy`]'s two kinds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Keep the app's counts even across `spread_by` domains.
@@ -87,7 +87,7 @@ pub enum Strategy {
 }
 
 /// The domain a `spread` app is spread over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SpreadBy {
     /// Even counts per host.
@@ -111,7 +111,7 @@ pub struct PlacementSpec {
 }
 
 /// How the app's instances are health-checked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HealthSpec {
     /// The command run in the guest; `None`: the agent's ping only.
     pub command: Option<String>,
@@ -122,7 +122,7 @@ pub struct HealthSpec {
 }
 
 /// What happens to an app's instances when their host is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnHostLoss {
     /// Place them again elsewhere.
@@ -183,7 +183,7 @@ pub struct Capacity {
 }
 
 /// How a host holds a master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MasterHeld {
     /// Frozen in memory: clones start at once.
