@@ -44,6 +44,8 @@ pub struct ScaleBenchOptions {
     pub timeout: Duration,
     /// `scripts/cluster` (found from the binary's place when `None`).
     pub script: Option<PathBuf>,
+    /// Extra arguments for every daemon (`scripts/cluster --daemon-arg`).
+    pub daemon_args: Vec<String>,
 }
 
 /// One phase's time.
@@ -193,7 +195,7 @@ struct Bed {
 }
 
 impl Bed {
-    fn up(script: &Path, hosts: usize) -> Result<Bed, String> {
+    fn up(script: &Path, hosts: usize, daemon_args: &[String]) -> Result<Bed, String> {
         let dir = std::env::temp_dir().join(format!("zygote-bench-scale-{}", std::process::id()));
         let zygote = std::env::current_exe()
             .map_err(|e| e.to_string())?
@@ -203,6 +205,11 @@ impl Bed {
             .arg(&dir)
             .arg("--zygote")
             .arg(&zygote)
+            .args(
+                daemon_args
+                    .iter()
+                    .flat_map(|a| ["--daemon-arg", a.as_str()]),
+            )
             .output()
             .map_err(|e| format!("running {}: {e}", script.display()))?;
         if !out.status.success() {
@@ -288,7 +295,7 @@ pub fn bench_scale(
         "scripts/cluster not found above this binary or the working directory: pass --script",
     )?;
     progress(&format!("starting the test bed: {} hosts", o.hosts));
-    let bed = Bed::up(&script, o.hosts)?;
+    let bed = Bed::up(&script, o.hosts, &o.daemon_args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -124,6 +124,10 @@ enum BenchCmd {
         /// `scripts/cluster` (default: found above this binary).
         #[arg(long)]
         script: Option<PathBuf>,
+        /// An extra argument for every daemon (repeatable), e.g.
+        /// `--daemon-arg=--max-starting --daemon-arg=4`.
+        #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+        daemon_args: Vec<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -333,6 +337,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             memory,
             timeout,
             script,
+            daemon_args,
             json,
         } => {
             let opts = bench::bench_scale::ScaleBenchOptions {
@@ -342,6 +347,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 memory_mib: memory,
                 timeout: Duration::from_secs(timeout.max(1)),
                 script,
+                daemon_args,
             };
             let report =
                 bench::bench_scale::bench_scale(&opts, &mut |m| eprintln!("zygote bench: {m}"))

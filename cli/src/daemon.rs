@@ -74,9 +74,10 @@ pub struct DaemonArgs {
     /// What SIGTERM/SIGINT do with running clones.
     #[arg(long, value_enum, default_value_t = OnShutdown::Leave)]
     pub on_shutdown: OnShutdown,
-    /// Clones that may be starting at once (429 beyond).
-    #[arg(long, default_value_t = 16)]
-    pub max_starting: usize,
+    /// Clones that may be starting at once (429 beyond) [default: twice the
+    /// CPUs, 2 to 64].
+    #[arg(long)]
+    pub max_starting: Option<usize>,
     /// Guest memory of live VMs may reach this many times host RAM.
     #[arg(long, default_value_t = 1.5)]
     pub memory_ratio: f64,
@@ -228,7 +229,10 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
     let metrics = Arc::new(Metrics::new(&mut registry));
     let http = HttpMetrics::new(&mut registry);
     let cfg = RuntimeConfig {
-        max_starting: a.max_starting.max(1),
+        max_starting: a
+            .max_starting
+            .unwrap_or_else(host::runtime::default_max_starting)
+            .max(1),
         memory_ratio: a.memory_ratio,
         ..Default::default()
     };
