@@ -37,11 +37,12 @@ use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+
+use snapshotter::{hash_zeros, next_data};
 
 use crate::master::MasterError;
 use crate::store::Store;
@@ -306,52 +307,6 @@ fn nonzero_runs(offset: u64, data: &[u8]) -> Vec<(usize, usize)> {
         runs.push((s, data.len()));
     }
     runs
-}
-
-/// The next data region at or after `pos` as `(start, end)`, clamped to
-/// `size`; `(size, size)` when only holes remain. A file system that
-/// cannot report holes has data everywhere.
-fn next_data(file: &File, pos: u64, size: u64) -> io::Result<(u64, u64)> {
-    let data = match seek(file, pos, libc::SEEK_DATA) {
-        Ok(d) => d.min(size),
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((size, size)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok((pos, size)),
-        Err(e) => return Err(e),
-    };
-    if data >= size {
-        return Ok((size, size));
-    }
-    let hole = match seek(file, data, libc::SEEK_HOLE) {
-        Ok(h) => h.min(size),
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => size,
-        Err(e) => return Err(e),
-    };
-    Ok((data, hole.max(data + 1)))
-}
-
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
-    let offset = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-    // SAFETY: lseek only reads the descriptor, which `file` keeps open; all
-    // reads here are positioned (pread), so the moved file offset is unused.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
-}
-
-/// Appends `n` zero bytes to `hasher` without reading them (as the
-/// snapshotter does: a CRC fed zeros is a linear shift).
-fn hash_zeros(hasher: &mut crc32fast::Hasher, n: u64) {
-    if n == 0 {
-        return;
-    }
-    let mut ones = crc32fast::Hasher::new_with_initial(!0);
-    ones.combine(&crc32fast::Hasher::new_with_initial_len(0, n));
-    let zeros_crc = !ones.finalize();
-    hasher.combine(&crc32fast::Hasher::new_with_initial_len(zeros_crc, n));
 }
 
 // ----------------------------------------------------------- receiver

@@ -665,8 +665,9 @@ fn walk(
 
 /// The next data region of `file` at or after `pos`, as `(start, end)`, both
 /// clamped to `size`. `(size, size)` when only holes remain. On a file that
-/// cannot report holes, everything is data.
-fn next_data(file: &File, pos: u64, size: u64) -> io::Result<(u64, u64)> {
+/// cannot report holes, everything is data. (Also what a master's transfer
+/// walks to send data only.)
+pub fn next_data(file: &File, pos: u64, size: u64) -> io::Result<(u64, u64)> {
     let data = match seek(file, pos, libc::SEEK_DATA) {
         Ok(d) => d.min(size),
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok((size, size)),
@@ -700,13 +701,14 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     }
 }
 
-/// Appends `n` zero bytes to `hasher` in O(log n) time, without reading them.
+/// Appends `n` zero bytes to `hasher` in O(log n) time, without reading them
+/// (the holes of a sparse memory file, here and in a master's transfer).
 ///
 /// A CRC register `r` fed `n` zeros becomes `shift(r, n)`, which is linear.
 /// With crc32fast's conditioning (`crc = !r`), appending zeros to a CRC `c`
 /// gives `shift(c, n) ^ !shift(!0, n)`, and `shift(x, n)` is
 /// `combine(x, 0, n)`.
-fn hash_zeros(hasher: &mut crc32fast::Hasher, n: u64) {
+pub fn hash_zeros(hasher: &mut crc32fast::Hasher, n: u64) {
     if n == 0 {
         return;
     }
