@@ -381,16 +381,7 @@ pub async fn metrics(
     State(st): State<ClusterState>,
     _caller: Caller,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &st.registry)
-        .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    ))
+    crate::metrics_response(&st.registry)
 }
 
 /// Liveness of the scheduler itself (no authentication); says whether this
@@ -437,11 +428,7 @@ pub struct ClusterApiDoc;
 
 /// The OpenAPI document as pretty JSON (`docs/api/scheduler.json`).
 pub fn openapi_json() -> String {
-    let mut s = ClusterApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-    s.push('\n');
-    s
+    crate::pretty(ClusterApiDoc::openapi())
 }
 
 /// The scheduler's router. Add an `Extension` of [`crate::auth::Transport`]

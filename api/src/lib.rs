@@ -161,11 +161,33 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document as pretty JSON (what `/v1/openapi.json` serves and
 /// `docs/api/openapi.json` holds).
 pub fn openapi_json() -> String {
-    let mut s = ApiDoc::openapi()
+    pretty(ApiDoc::openapi())
+}
+
+/// An OpenAPI document as pretty JSON with a final newline (the form the
+/// checked-in documents have).
+pub(crate) fn pretty(doc: utoipa::openapi::OpenApi) -> String {
+    let mut s = doc
         .to_pretty_json()
         .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     s.push('\n');
     s
+}
+
+/// A registry's metrics as a Prometheus (OpenMetrics) text response.
+pub(crate) fn metrics_response(
+    registry: &Registry,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)
+        .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    ))
 }
 
 pub(crate) async fn count_requests(

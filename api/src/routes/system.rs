@@ -32,16 +32,7 @@ pub async fn metrics(
         Ok::<_, host::runtime::RuntimeError>(())
     })
     .await?;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &st.registry)
-        .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    ))
+    crate::metrics_response(&st.registry)
 }
 
 /// Liveness of the daemon itself (no authentication, no VM touched).
