@@ -697,6 +697,11 @@ impl<S: Store + ?Sized> Scheduler<S> {
                     start_slots_free: c.start_slots_free.min(c.start_slots),
                 },
                 masters: masters.clone(),
+                snapshot_bytes: report
+                    .masters
+                    .iter()
+                    .filter_map(|m| Some((m.name.clone(), m.snapshot_bytes?)))
+                    .collect(),
                 last_heartbeat: now,
                 state,
             };
@@ -1181,11 +1186,13 @@ fn instance_id(app: &str, slot: u32, now: Millis) -> String {
 
 fn request(app: &App, hosts: &[store::Host]) -> Request {
     let master = master_key(&app.name, &app.spec);
+    // What shipping the master costs: its data as a host holding it
+    // reports it; the whole guest RAM until one does.
     let snapshot_bytes = hosts
         .iter()
         .filter(|h| h.info.masters.get(&master) == Some(&MasterHeld::Frozen))
-        .map(|_| app.spec.master.memory_mib << 20)
-        .next()
+        .filter_map(|h| h.info.snapshot_bytes.get(&master).copied())
+        .max()
         .unwrap_or(app.spec.master.memory_mib << 20);
     Request {
         app: app.name.clone(),

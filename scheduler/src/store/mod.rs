@@ -221,6 +221,10 @@ pub struct HostInfo {
     pub capacity: Capacity,
     /// Masters it holds, by image name.
     pub masters: BTreeMap<String, MasterHeld>,
+    /// Bytes of each frozen master's snapshot that travel to another host
+    /// (its data, not its holes), by image name, as reported.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshot_bytes: BTreeMap<String, u64>,
     /// When its last heartbeat arrived (the caller's clock).
     pub last_heartbeat: Millis,
     /// Membership state.

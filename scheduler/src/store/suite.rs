@@ -63,6 +63,7 @@ pub(crate) fn host_info(zone: &str, heartbeat: u64) -> HostInfo {
             start_slots_free: 4,
         },
         masters: BTreeMap::from([("py-web".into(), MasterHeld::Frozen)]),
+        snapshot_bytes: BTreeMap::from([("py-web".into(), 20 << 20)]),
         last_heartbeat: Millis(heartbeat),
         state: HostState::Up,
     }
