@@ -991,34 +991,19 @@ impl<S: Store + ?Sized> Scheduler<S> {
                 }
                 if let Some(s) = &batch.shortfall {
                     let unplaced = s.requested - s.placed;
-                    let r = &s.rejected;
-                    // Hosts that refused only for want of a start slot will
-                    // take more as the clones in flight start: not a lack
-                    // of room, and no event.
-                    let waiting = s.reason == placement::ShortfallReason::Capacity
-                        && r.start_slots > 0
-                        && r.memory == 0
-                        && r.cpus == 0;
-                    let (reason, message) = if waiting {
-                        (
-                            "start_slots",
-                            format!("{unplaced} instance(s) wait for a start slot; they are placed as the ones in flight start"),
-                        )
-                    } else {
-                        let reason = match s.reason {
-                            placement::ShortfallReason::NoHosts => "no_hosts",
-                            placement::ShortfallReason::Capacity => "capacity",
-                            placement::ShortfallReason::Constraints => "constraints",
-                            placement::ShortfallReason::Drained => "drained",
-                        };
-                        (reason, s.to_string())
+                    let reason = match s.reason {
+                        placement::ShortfallReason::NoHosts => "no_hosts",
+                        placement::ShortfallReason::Capacity => "capacity",
+                        placement::ShortfallReason::Constraints => "constraints",
+                        placement::ShortfallReason::Drained => "drained",
                     };
+                    let message = s.to_string();
                     let view = ShortfallView {
                         reason: reason.into(),
                         unplaced,
                         message,
                     };
-                    if !waiting && previous.as_ref() != Some(&view) {
+                    if previous.as_ref() != Some(&view) {
                         self.event(
                             &app.name,
                             now,
@@ -1103,7 +1088,6 @@ impl<S: Store + ?Sized> Scheduler<S> {
         let mut model = Vec::new();
         for h in hosts.iter().filter(|h| h.info.state != HostState::Lost) {
             let mut in_flight_mib = 0u64;
-            let mut in_flight = 0u32;
             let mut instances: BTreeMap<String, u32> = BTreeMap::new();
             for p in placements.iter().filter(|p| p.host == h.id) {
                 if !matches!(p.state, PlacementState::Placed | PlacementState::Running) {
@@ -1111,7 +1095,6 @@ impl<S: Store + ?Sized> Scheduler<S> {
                 }
                 *instances.entry(p.app.clone()).or_default() += 1;
                 if p.state == PlacementState::Placed {
-                    in_flight += 1;
                     in_flight_mib += apps
                         .get(p.app.as_str())
                         .map_or(0, |a| a.spec.master.memory_mib);
@@ -1126,7 +1109,12 @@ impl<S: Store + ?Sized> Scheduler<S> {
                 memory_total_mib: total,
                 memory_free_mib: c.memory_free_mib.min(total).saturating_sub(in_flight_mib),
                 cpus: c.cpus,
-                start_slots_free: c.start_slots.saturating_sub(in_flight),
+                // Start slots pace the starts on the host (its daemon
+                // starts the slots assigned to it as its own slots free
+                // up); they do not steer placement, or a spread app would
+                // pile onto whichever host happens to start fastest (the
+                // one that already holds the master).
+                start_slots_free: u32::MAX,
                 drained: h.info.state != HostState::Up,
                 masters: h
                     .info

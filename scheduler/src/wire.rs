@@ -174,10 +174,10 @@ pub struct HostCount {
 /// Why fewer instances run than were declared.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct ShortfallView {
-    /// `capacity`, `constraints`, `drained`, `no_hosts`, `start_slots`
-    /// (waiting for clones in flight), `host_lost` (slots of lost hosts left
-    /// empty: `on_host_loss: leave`), `failures` (instances failed in the
-    /// last minute; the message has the latest reason).
+    /// `capacity`, `constraints`, `drained`, `no_hosts`, `host_lost` (slots
+    /// of lost hosts left empty: `on_host_loss: leave`), `failures`
+    /// (instances failed in the last minute; the message has the latest
+    /// reason).
     pub reason: String,
     /// Instances that could not be placed.
     pub unplaced: u32,

@@ -335,29 +335,33 @@ fn shortfalls_are_stated_never_silent() {
 }
 
 #[test]
-fn a_burst_waits_for_start_slots_without_calling_it_a_shortfall_of_room() {
+fn start_slots_pace_starts_but_do_not_steer_a_spread() {
     let (_d, s) = service();
-    let mut r = report("h1", "z");
-    r.capacity.start_slots = 8;
-    r.capacity.start_slots_free = 8;
-    s.heartbeat("h1", &r, Millis(0)).unwrap();
-    s.apply_app(&None, "web", &body(20), Millis(0)).unwrap();
-    s.reconcile(Millis(1)).unwrap();
-    let st = s.app(&None, "web", Millis(1)).unwrap();
-    assert_eq!(
-        st.starting, 8,
-        "no more in flight than the host has start slots"
-    );
-    let short = st.shortfall.unwrap();
-    assert_eq!((short.reason.as_str(), short.unplaced), ("start_slots", 12));
-    assert!(!st.events.iter().any(|e| e.action == "shortfall"));
-    // As they run, the rest follow.
-    for _ in 0..3 {
-        converge(&s, &["h1"], Millis(2));
-        s.reconcile(Millis(3)).unwrap();
+    for h in ["h1", "h2", "h3"] {
+        let mut r = report(h, "z");
+        r.capacity.start_slots = 4;
+        r.capacity.start_slots_free = 4;
+        s.heartbeat(h, &r, Millis(0)).unwrap();
     }
-    let st = s.app(&None, "web", Millis(4)).unwrap();
-    assert_eq!(st.running + st.starting, 20);
+    s.apply_app(&None, "web", &body(30), Millis(0)).unwrap();
+    s.reconcile(Millis(1)).unwrap();
+    // Every slot is placed at once, 10 a host, although each host starts
+    // only 4 at a time: its daemon starts the rest as its slots free up.
+    assert_eq!(
+        per_host(&s).values().copied().collect::<Vec<_>>(),
+        [10, 10, 10]
+    );
+    let st = s.app(&None, "web", Millis(1)).unwrap();
+    assert_eq!(st.starting, 30);
+    assert!(st.shortfall.is_none());
+    // h1 (which holds the master) reports its 10 running first; nothing
+    // moves to it.
+    converge(&s, &["h1"], Millis(2));
+    s.reconcile(Millis(3)).unwrap();
+    assert_eq!(
+        per_host(&s).values().copied().collect::<Vec<_>>(),
+        [10, 10, 10]
+    );
 }
 
 #[test]
