@@ -667,6 +667,7 @@ impl<S: Store + ?Sized> Scheduler<S> {
         now: Millis,
     ) -> Result<Assignment, ServiceError> {
         check_host_id(id)?;
+        check_address(&report.address)?;
         let masters: BTreeMap<String, MasterHeld> = report
             .masters
             .iter()
@@ -1146,6 +1147,25 @@ pub fn check_host_id(id: &str) -> Result<(), ServiceError> {
     } else {
         Err(ServiceError::Invalid(format!(
             "host id {id:?}: use 1-63 characters a-z, A-Z, 0-9, '-', '_', '.'"
+        )))
+    }
+}
+
+/// A daemon's address as peers fetch masters from it: `http://HOST:PORT`
+/// with a port, no path, at most 255 characters.
+pub fn check_address(address: &str) -> Result<(), ServiceError> {
+    let hostport = address.strip_prefix("http://").unwrap_or("");
+    let ok = address.len() <= 255
+        && hostport.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(['/', '?', '#', '@', ' '])
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::Invalid(format!(
+            "address {address:?}: use http://HOST:PORT, where other daemons reach this one"
         )))
     }
 }

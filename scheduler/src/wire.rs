@@ -274,7 +274,8 @@ pub struct InstanceReport {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostReport {
-    /// Where its API answers other daemons (`http://ADDR:PORT`).
+    /// Where its API answers other daemons (`http://HOST:PORT`).
+    #[schema(pattern = r"^http://[^/?#@ ]+:[0-9]{1,5}$", max_length = 255)]
     pub address: String,
     /// Its zone.
     #[serde(default)]

@@ -436,3 +436,34 @@ fn masters_ahead_go_to_the_first_matching_hosts() {
         .collect();
     assert_eq!(got, [1, 1, 0]);
 }
+
+#[test]
+fn a_heartbeat_with_an_unusable_address_is_refused_and_records_nothing() {
+    let (_d, s) = service();
+    for bad in [
+        "",
+        "10.0.0.1:7070",
+        "http://",
+        "http://h",
+        "http://h:0",
+        "http://h:99999",
+        "http://h:70/x",
+        "ftp://h:1",
+        "http://a b:1",
+    ] {
+        let mut r = report("h1", "z");
+        r.address = bad.into();
+        let e = s.heartbeat("h1", &r, Millis(0)).unwrap_err();
+        assert!(e.to_string().contains("http://HOST:PORT"), "{bad:?}: {e}");
+    }
+    assert!(s.hosts(Millis(0)).unwrap().is_empty());
+    for good in [
+        "http://10.0.0.1:7070",
+        "http://[::1]:7070",
+        "http://host-1.example:80",
+    ] {
+        let mut r = report("h1", "z");
+        r.address = good.into();
+        s.heartbeat("h1", &r, Millis(0)).unwrap();
+    }
+}
