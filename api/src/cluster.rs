@@ -197,7 +197,8 @@ pub struct HostList {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScaleBody {
-    /// The new instance count.
+    /// The new instance count (0 to 10000).
+    #[schema(maximum = 10000)]
     pub instances: u32,
 }
 

@@ -275,7 +275,10 @@ pub struct InstanceReport {
 #[serde(deny_unknown_fields)]
 pub struct HostReport {
     /// Where its API answers other daemons (`http://HOST:PORT`).
-    #[schema(pattern = r"^http://[^/?#@ ]+:[0-9]{1,5}$", max_length = 255)]
+    #[schema(
+        pattern = r"^http://[^/?#@ ]+:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$",
+        max_length = 255
+    )]
     pub address: String,
     /// Its zone.
     #[serde(default)]
