@@ -470,6 +470,7 @@ pub fn router(state: ClusterState) -> Router {
 /// A failing step (the store unreachable) is logged and retried.
 pub async fn reconcile_loop(state: ClusterState, every: Duration, stop: Arc<AtomicBool>) {
     let mut changes = state.service.store().watch();
+    let mut led = false;
     while !stop.load(Ordering::Relaxed) {
         let t0 = tokio::time::Instant::now();
         tokio::select! {
@@ -488,7 +489,13 @@ pub async fn reconcile_loop(state: ClusterState, every: Duration, stop: Arc<Atom
         let leads = st_leads(&state);
         state.metrics.leader.set(i64::from(leads));
         if !leads {
+            led = false;
             continue;
+        }
+        if !led {
+            // Just began to lead: hosts get one lease to check in.
+            state.service.begin_leading(now());
+            led = true;
         }
         let svc = state.service.clone();
         match tokio::task::spawn_blocking(move || svc.reconcile(now())).await {

@@ -268,6 +268,9 @@ pub struct Scheduler<S: Store + ?Sized> {
     cfg: Config,
     events: Mutex<BTreeMap<String, VecDeque<AppEvent>>>,
     shortfalls: Mutex<BTreeMap<String, ShortfallView>>,
+    /// No host is found lost before this time: a lease TTL after this
+    /// replica began to lead (see [`Scheduler::begin_leading`]).
+    grace_until: Mutex<Millis>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -282,6 +285,7 @@ impl<S: Store + ?Sized> Scheduler<S> {
             cfg,
             events: Mutex::default(),
             shortfalls: Mutex::default(),
+            grace_until: Mutex::new(Millis(0)),
         }
     }
 
@@ -875,10 +879,28 @@ impl<S: Store + ?Sized> Scheduler<S> {
 
     // -------------------------------------------------------- reconcile
 
+    /// This replica leads from `now` (it started, or won an election). The
+    /// leases in the store were renewed by whoever answered heartbeats
+    /// before; while no replica answered (a scheduler restart, a
+    /// handover), hosts could not renew them. So for one lease TTL no host
+    /// is found lost: they get a full lease to reach this replica, and a
+    /// scheduler outage never turns into every host lost and every
+    /// instance placed again (Nomad resets heartbeat TTLs on a new leader
+    /// for the same reason).
+    pub fn begin_leading(&self, now: Millis) {
+        *lock(&self.grace_until) = now.saturating_add(self.cfg.lease_ttl);
+        tracing::info!(
+            grace_ms = self.cfg.lease_ttl.as_millis() as u64,
+            "leading: hosts get one lease to check in"
+        );
+    }
+
     /// One reconcile step at `now` (see the module doc). Idempotent.
     pub fn reconcile(&self, now: Millis) -> Result<Step, ServiceError> {
         let mut step = Step::default();
-        // 1. Hosts whose lease ran out are lost.
+        // 1. Hosts whose lease ran out are lost (not during the grace that
+        //    follows the start of this replica's lead).
+        let grace = now < *lock(&self.grace_until);
         let expired: BTreeSet<String> = self
             .store
             .expired_leases(now)?
@@ -886,7 +908,7 @@ impl<S: Store + ?Sized> Scheduler<S> {
             .map(|l| l.host)
             .collect();
         let mut hosts = self.store.list_hosts()?;
-        for h in hosts.iter_mut() {
+        for h in hosts.iter_mut().filter(|_| !grace) {
             let leased = match self.store.get_lease(&h.id) {
                 Ok(_) => !expired.contains(&h.id),
                 Err(StoreError::NotFound { .. }) => false,

@@ -467,3 +467,33 @@ fn a_heartbeat_with_an_unusable_address_is_refused_and_records_nothing() {
         s.heartbeat("h1", &r, Millis(0)).unwrap();
     }
 }
+
+#[test]
+fn a_new_leader_gives_hosts_one_lease_before_it_finds_them_lost() {
+    let (_d, s) = service();
+    for h in ["h1", "h2"] {
+        s.heartbeat(h, &report(h, "z"), Millis(0)).unwrap();
+    }
+    s.apply_app(&None, "web", &body(4), Millis(0)).unwrap();
+    s.reconcile(Millis(1)).unwrap();
+    converge(&s, &["h1", "h2"], Millis(SEC));
+    // The scheduler was down for 10 s: both leases ran out meanwhile. The
+    // replica that now leads does not find the hosts lost at once…
+    let t = Millis(11 * SEC);
+    s.begin_leading(t);
+    let step = s.reconcile(t).unwrap();
+    assert_eq!(
+        (step.lost, step.placed),
+        (0, 0),
+        "nothing lost or placed again during the grace"
+    );
+    // …h1 checks in within the lease; h2 does not.
+    converge(&s, &["h1"], Millis(12 * SEC));
+    let step = s.reconcile(Millis(15 * SEC + 1)).unwrap();
+    assert_eq!(
+        step.lost, 1,
+        "h2, silent for a whole lease after the new lead, is lost"
+    );
+    assert_eq!(step.placed, 2, "its 2 instances are placed again");
+    assert_eq!(per_host(&s)["h1"], 4);
+}
