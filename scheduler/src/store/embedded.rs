@@ -28,8 +28,8 @@ use tokio::sync::watch;
 
 use super::{
     decode, encode, App, AppSpec, Expect, Found, Host, HostInfo, Kind, LeaderGuard, Leadership,
-    Lease, Millis, Placement, PlacementFilter, PlacementOp, PlacementWrite, Result, Store,
-    StoreError, FORMAT_VERSION,
+    Lease, Millis, Placement, PlacementFilter, PlacementWrite, Result, Store, StoreError,
+    FORMAT_VERSION,
 };
 
 /// The database file inside the store's directory.
@@ -365,26 +365,13 @@ impl Store for EmbeddedStore {
                     w.expect,
                     current.map(|p| p.revision),
                 )?;
-                match &w.op {
-                    PlacementOp::Put {
-                        host,
-                        instance_id,
-                        state,
-                    } => {
-                        let record = Placement {
-                            version: FORMAT_VERSION,
-                            app: app.to_owned(),
-                            slot: w.slot,
-                            revision,
-                            host: host.clone(),
-                            instance_id: instance_id.clone(),
-                            state: *state,
-                        };
+                match w.record(app, revision) {
+                    Some(record) => {
                         t.insert((app, w.slot), encode(&record).as_slice())
                             .map_err(io(ctx))?;
                         written.push(record);
                     }
-                    PlacementOp::Delete => {
+                    None => {
                         t.remove((app, w.slot)).map_err(io(ctx))?;
                     }
                 }

@@ -35,8 +35,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::{
     decode, encode, App, AppSpec, Expect, Found, Host, HostInfo, Kind, LeaderGuard, Leadership,
-    Lease, Millis, Placement, PlacementFilter, PlacementOp, PlacementWrite, Result, Store,
-    StoreError, FORMAT_VERSION,
+    Lease, Millis, Placement, PlacementFilter, PlacementWrite, Result, Store, StoreError,
+    FORMAT_VERSION,
 };
 
 /// The key prefix when none is given.
@@ -521,25 +521,13 @@ impl Store for EtcdStore {
             }
             let key = self.key(PLACEMENTS, &slot_key_suffix(app, w.slot));
             when.extend(compares(&key, w.expect));
-            match &w.op {
-                PlacementOp::Put {
-                    host,
-                    instance_id,
-                    state,
-                } => {
-                    let record = Placement {
-                        version: FORMAT_VERSION,
-                        app: app.to_owned(),
-                        slot: w.slot,
-                        revision: 0,
-                        host: host.clone(),
-                        instance_id: instance_id.clone(),
-                        state: *state,
-                    };
+            // The revision is the transaction's, known once it commits.
+            match w.record(app, 0) {
+                Some(record) => {
                     then.push(TxnOp::put(key, encode(&record), None));
                     records.push(record);
                 }
-                PlacementOp::Delete => then.push(TxnOp::delete(key, None)),
+                None => then.push(TxnOp::delete(key, None)),
             }
         }
         let ops = when.len().max(then.len());

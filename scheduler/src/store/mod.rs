@@ -378,6 +378,29 @@ pub struct PlacementWrite {
     pub op: PlacementOp,
 }
 
+impl PlacementWrite {
+    /// The record a `Put` stores for `app` at store revision `revision`;
+    /// `None` for a `Delete`. Every backend writes exactly this.
+    pub fn record(&self, app: &str, revision: u64) -> Option<Placement> {
+        match &self.op {
+            PlacementOp::Put {
+                host,
+                instance_id,
+                state,
+            } => Some(Placement {
+                version: FORMAT_VERSION,
+                app: app.to_owned(),
+                slot: self.slot,
+                revision,
+                host: host.clone(),
+                instance_id: instance_id.clone(),
+                state: *state,
+            }),
+            PlacementOp::Delete => None,
+        }
+    }
+}
+
 /// Which placement records [`Store::list_placements`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlacementFilter {

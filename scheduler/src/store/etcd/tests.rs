@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::*;
 use crate::store::suite::{self, host_info, spec, Harness};
 use crate::store::testing::{Etcd, MAX_TXN_OPS};
-use crate::store::PlacementState;
+use crate::store::{PlacementOp, PlacementState};
 
 /// A unique prefix per store in one etcd.
 fn prefix() -> String {
