@@ -113,6 +113,7 @@ mod tests {
             hostname: "clone-1".into(),
             vm_id: "c1".into(),
             wall_clock_ns: 1_700_000_000_000_000_000,
+            net: None,
         }
     }
 

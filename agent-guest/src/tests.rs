@@ -518,6 +518,7 @@ fn identity_is_validated_then_applied() {
         hostname: "clone-7".into(),
         vm_id: "c7".into(),
         wall_clock_ns: 1_800_000_000_000_000_000,
+        net: None,
     };
     h.request(Request::Identity(id.clone()));
     assert_eq!(h.recv_response(), Response::IdentitySet);

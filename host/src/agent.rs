@@ -357,5 +357,6 @@ pub fn fresh_identity(vm_id: &str, hostname: &str) -> std::io::Result<Identity> 
         hostname: hostname.to_string(),
         vm_id: vm_id.to_string(),
         wall_clock_ns: now.as_nanos() as u64,
+        net: None,
     })
 }

@@ -209,6 +209,7 @@ impl VmSpec {
             vcpus: self.vcpus,
             guest_cid: proto::launch::DEFAULT_GUEST_CID,
             snapshot_dir: self.snapshot_dir.clone(),
+            mac: None,
         }
     }
 }
@@ -339,6 +340,9 @@ impl VmmProcess {
                 None => ConsoleTarget::Stderr,
             },
             detach: opts.detach,
+            kvm_fd: None,
+            tap_fd: None,
+            seccomp: true,
         };
         let mut cmd = Command::new(&vmm);
         cmd.args(launch.to_args())

@@ -347,6 +347,28 @@ pub struct Identity {
     pub vm_id: String,
     /// The host's wall clock, nanoseconds since the Unix epoch.
     pub wall_clock_ns: u64,
+    /// The VM's network identity, for a VM with a virtio-net device: set
+    /// on the interface before the agent answers, and the master's
+    /// neighbour (ARP) entries are flushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetIdentity>,
+}
+
+/// One VM's address on its network: the agent sets it in-process (ioctls,
+/// no `ip` process) on `interface`, brings the interface up, and routes
+/// everything that is not on the link through `gateway`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetIdentity {
+    /// The guest interface (`eth0`: the first virtio-net device).
+    pub interface: String,
+    /// Its MAC address (unicast).
+    pub mac: crate::launch::MacAddr,
+    /// Its IPv4 address.
+    pub address: std::net::Ipv4Addr,
+    /// The prefix length of the link's network (1-32).
+    pub prefix_len: u8,
+    /// The default gateway (on the link).
+    pub gateway: std::net::Ipv4Addr,
 }
 
 /// Bounds on [`Identity::entropy`].

@@ -10,7 +10,12 @@
 //! zygote-vmm --restore DIR                                     a clone of a frozen master
 //! zygote-vmm --check-snapshot DIR                              check only; prints a SnapshotCheck
 //!   common:  [--vsock SOCK] [--control SOCK] [--console none|stderr|PATH] [--detach]
+//!            [--kvm-fd FD] [--tap-fd FD] [--mac MAC] [--no-seccomp]
 //! ```
+//!
+//! File descriptors (`--kvm-fd`, `--tap-fd`) are opened by the spawner
+//! before it confines the VMM (a jailed VMM cannot open `/dev/kvm` or a
+//! tap itself) and inherited at those numbers.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -37,6 +42,86 @@ pub struct VmmLaunch {
     /// Keep running when the process that started this one ends (else the
     /// VMM dies with its parent).
     pub detach: bool,
+    /// An open `/dev/kvm` inherited at this descriptor (else the VMM opens
+    /// `/dev/kvm` itself).
+    pub kvm_fd: Option<i32>,
+    /// An open tap (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) inherited at this
+    /// descriptor: the backend of the VM's virtio-net device. A booted VM
+    /// gets a virtio-net device only with it; a restored VM whose snapshot
+    /// has one keeps the device, disconnected (no frames in or out) when
+    /// this is absent.
+    pub tap_fd: Option<i32>,
+    /// Install the VMM's seccomp filters (one per thread kind) before the
+    /// guest runs. Off only for debugging (`--no-seccomp`).
+    pub seccomp: bool,
+}
+
+/// A MAC address, written `02:00:00:00:00:01`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Whether this is a unicast address (the low bit of the first byte is
+    /// clear), the only kind a NIC may have.
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0
+    }
+
+    /// A locally administered unicast address (`x2:…`) derived from `seed`
+    /// (a VM id): the same seed always gives the same address, different
+    /// seeds almost always different ones (40 bits of FNV-1a hash).
+    pub fn derived(seed: &str) -> MacAddr {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in seed.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        MacAddr([0x02, b[3], b[4], b[5], b[6], b[7]])
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let bad = || format!("{s:?} is not a MAC address (six hex bytes, 02:00:00:00:00:01)");
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            m[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// What a VMM process runs.
@@ -77,6 +162,10 @@ pub struct BootSource {
     /// directory and a freeze (through the control socket) writes the
     /// snapshot there. Requires a control socket.
     pub snapshot_dir: Option<PathBuf>,
+    /// The virtio-net device's MAC (with `--tap-fd`; a clone keeps its
+    /// master's device MAC and its agent sets the clone's own on the
+    /// interface).
+    pub mac: Option<MacAddr>,
 }
 
 impl BootSource {
@@ -90,6 +179,7 @@ impl BootSource {
             vcpus: 1,
             guest_cid: DEFAULT_GUEST_CID,
             snapshot_dir: None,
+            mac: None,
         }
     }
 }
@@ -164,6 +254,10 @@ Started by the zygote tools; not meant to be run by hand (but it can be).
   --control PATH         Unix socket for control requests (freeze)
   --console TARGET       serial console: none, stderr or a file path (default none)
   --detach               keep running when the process that started this one ends
+  --kvm-fd FD            use this inherited open /dev/kvm instead of opening it
+  --tap-fd FD            inherited open tap (no PI, vnet header): the virtio-net backend
+  --mac MAC              the virtio-net device's MAC (boot with --tap-fd only)
+  --no-seccomp           do not install the seccomp filters (debugging only)
   --help, --version
 ";
 
@@ -176,6 +270,9 @@ impl VmmLaunch {
             control: None,
             console: ConsoleTarget::None,
             detach: false,
+            kvm_fd: None,
+            tap_fd: None,
+            seccomp: true,
         }
     }
 
@@ -199,6 +296,9 @@ impl VmmLaunch {
                 if let Some(d) = &b.snapshot_dir {
                     flag("--snapshot-dir", d.clone().into());
                 }
+                if let Some(m) = &b.mac {
+                    flag("--mac", m.to_string().into());
+                }
             }
             VmSource::Restore { snapshot } => flag("--restore", snapshot.clone().into()),
             VmSource::CheckSnapshot { snapshot } => {
@@ -216,8 +316,17 @@ impl VmmLaunch {
             ConsoleTarget::Stderr => flag("--console", "stderr".into()),
             ConsoleTarget::File(p) => flag("--console", p.clone().into()),
         }
+        if let Some(fd) = self.kvm_fd {
+            flag("--kvm-fd", fd.to_string().into());
+        }
+        if let Some(fd) = self.tap_fd {
+            flag("--tap-fd", fd.to_string().into());
+        }
         if self.detach {
             a.push("--detach".into());
+        }
+        if !self.seccomp {
+            a.push("--no-seccomp".into());
         }
         a
     }
@@ -286,6 +395,26 @@ impl VmmLaunch {
                     };
                 }
                 "--detach" if inline.is_none() => launch.detach = true,
+                "--no-seccomp" if inline.is_none() => launch.seccomp = false,
+                "--kvm-fd" => launch.kvm_fd = Some(fd_number("--kvm-fd", value("--kvm-fd")?)?),
+                "--tap-fd" => launch.tap_fd = Some(fd_number("--tap-fd", value("--tap-fd")?)?),
+                "--mac" => {
+                    let v = value("--mac")?.to_string_lossy().into_owned();
+                    let mac: MacAddr = v.parse().map_err(|_| LaunchError::BadValue {
+                        flag: "--mac",
+                        value: v.clone(),
+                        expected: "a MAC address (02:00:00:00:00:01)",
+                    })?;
+                    if !mac.is_unicast() {
+                        return Err(LaunchError::BadValue {
+                            flag: "--mac",
+                            value: v,
+                            expected: "a unicast MAC address (first byte even)",
+                        });
+                    }
+                    boot.mac = Some(mac);
+                    boot_only = true;
+                }
                 _ => return Err(LaunchError::Unknown(arg)),
             }
         }
@@ -308,7 +437,7 @@ impl VmmLaunch {
             }
             (None, _, _) if boot_only => {
                 return Err(LaunchError::Conflict(
-                    "--initrd, --cmdline, --memory, --vcpus, --cid and --snapshot-dir are for --kernel only (a snapshot has its own)",
+                    "--initrd, --cmdline, --memory, --vcpus, --cid, --mac and --snapshot-dir are for --kernel only (a snapshot has its own)",
                 ))
             }
             _ => {
@@ -341,6 +470,19 @@ fn number<T: std::str::FromStr>(flag: &'static str, v: OsString) -> Result<T, La
     })
 }
 
+/// An inherited descriptor number: 3 or more (0-2 are stdio).
+fn fd_number(flag: &'static str, v: OsString) -> Result<i32, LaunchError> {
+    let s = v.to_string_lossy();
+    match s.parse::<i32>() {
+        Ok(fd) if fd >= 3 => Ok(fd),
+        _ => Err(LaunchError::BadValue {
+            flag,
+            value: s.into_owned(),
+            expected: "a descriptor number of 3 or more",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,7 +508,11 @@ mod tests {
         boot.vcpus = 2;
         boot.guest_cid = 77;
         boot.snapshot_dir = Some("/run/z/m/snapshot".into());
+        boot.mac = Some(MacAddr([2, 0, 0, 0xab, 0xcd, 0xef]));
         let mut l = VmmLaunch::new(VmSource::Boot(boot));
+        l.kvm_fd = Some(3);
+        l.tap_fd = Some(4);
+        l.seccomp = false;
         l.vsock = Some("/run/z/v.sock".into());
         l.control = Some("/run/z/c.sock".into());
         l.console = ConsoleTarget::File("/run/z/console.log".into());
@@ -381,12 +527,27 @@ mod tests {
         round_trip(&r);
         r.vsock = Some("/v".into());
         r.detach = true;
+        r.tap_fd = Some(9);
         r.console = ConsoleTarget::File("with space/console.log".into());
         round_trip(&r);
         round_trip(&VmmLaunch::new(VmSource::CheckSnapshot {
             snapshot: "/s".into(),
         }));
         round_trip(&VmmLaunch::new(VmSource::Boot(BootSource::new("/k"))));
+    }
+
+    #[test]
+    fn mac_addresses_print_parse_and_derive() {
+        let m: MacAddr = "02:0a:ff:00:10:9c".parse().unwrap();
+        assert_eq!(m.to_string(), "02:0a:ff:00:10:9c");
+        assert!(m.is_unicast());
+        let a = MacAddr::derived("web-1-abcd");
+        assert_eq!(a, MacAddr::derived("web-1-abcd"));
+        assert_ne!(a, MacAddr::derived("web-2-abcd"));
+        assert_eq!(a.0[0], 0x02, "locally administered unicast");
+        let j = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<MacAddr>(&j).unwrap(), a);
+        assert!(serde_json::from_str::<MacAddr>("\"zz\"").is_err());
     }
 
     #[test]
@@ -416,6 +577,10 @@ mod tests {
         assert!(e(&["--restore", "/s", "--memory", "64"]).contains("for --kernel only"));
         assert!(e(&["--kernel", "/k", "--memory", "lots"]).contains("--memory"));
         assert!(e(&["--kernel", "/k", "--vcpus", "300"]).contains("--vcpus"));
+        assert!(e(&["--kernel", "/k", "--tap-fd", "1"]).contains("3 or more"));
+        assert!(e(&["--kernel", "/k", "--mac", "03:00:00:00:00:01"]).contains("unicast"));
+        assert!(e(&["--kernel", "/k", "--mac", "02:00:00:00:01"]).contains("MAC"));
+        assert!(e(&["--restore", "/s", "--mac", "02:00:00:00:00:01"]).contains("for --kernel only"));
         assert!(e(&["--kernel", "/k", "--snapshot-dir", "/d"]).contains("--control"));
         assert!(e(&["--kernel"]).contains("needs a value"));
         assert!(e(&["--kernel", "/k", "--frobnicate"]).contains("unknown"));
