@@ -315,6 +315,31 @@ pub trait VirtioDevice: Send {
     /// The model's own state, for a snapshot: its [`crate::persist::Persist`]
     /// state, by kind. (The transport saves the queues and registers.)
     fn save_model(&self) -> persist::DeviceModelState;
+
+    /// What this device refused from the guest so far (malformed chains,
+    /// bad headers, requests it cannot serve), and the last reason: a
+    /// misbehaving guest is made visible from outside by the VMM, which
+    /// reports these counts.
+    fn rejected(&self) -> Rejected {
+        Rejected::default()
+    }
+}
+
+/// A device's count of refused guest requests ([`VirtioDevice::rejected`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rejected {
+    /// How many since the device was created.
+    pub count: u64,
+    /// Why the last one was refused.
+    pub last: Option<String>,
+}
+
+impl Rejected {
+    /// Counts one refusal for `reason`.
+    pub fn record(&mut self, reason: impl std::fmt::Display) {
+        self.count += 1;
+        self.last = Some(reason.to_string());
+    }
 }
 
 /// What an activated device works with: guest memory, its queues and its
