@@ -1,5 +1,6 @@
 //! Making a cloned guest unique: fresh kernel entropy and a reseeded CRNG,
-//! its own hostname and id, the host's wall clock.
+//! its own hostname and id, the host's wall clock, and its own MAC and IP
+//! address ([`crate::net`]).
 
 use std::io;
 
@@ -46,6 +47,9 @@ pub fn validate(id: &Identity) -> Result<(), String> {
     if id.wall_clock_ns == 0 {
         return Err("wall clock of 0".into());
     }
+    if let Some(net) = &id.net {
+        crate::net::validate(net)?;
+    }
     Ok(())
 }
 
@@ -66,6 +70,9 @@ pub fn apply(id: &Identity) -> Result<(), String> {
     step("set hostname", set_hostname(&id.hostname))?;
     step("set wall clock", set_clock(id.wall_clock_ns))?;
     step("write VM id", write_id(&id.vm_id))?;
+    if let Some(net) = &id.net {
+        crate::net::apply(net).map_err(|e| format!("network {}: {e}", net.interface))?;
+    }
     Ok(())
 }
 

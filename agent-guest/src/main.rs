@@ -19,6 +19,7 @@
 mod conn;
 mod identity;
 mod init;
+mod net;
 mod reaper;
 mod spawn;
 mod sys;

@@ -451,6 +451,8 @@ impl VmmLaunch {
 }
 
 /// What a VMM command line asks for.
+// Parsed once per process: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
     /// Run this.
