@@ -1,11 +1,14 @@
-//! Raw Linux system calls the jailer needs and `libc` does not wrap (or
-//! wraps through glibc code that must not run in a child made by a raw
-//! `clone3`). Each wrapper is one system call: no allocation, no locks, no
-//! glibc state, so the child may call them between `clone3` and `execve`.
+//! Raw Linux system calls for the jailer, each through `syscall(2)` and
+//! nothing else: no allocation, no locks, no glibc state (glibc's own
+//! wrappers may touch the calling thread's cancellation state or, for the
+//! `setxid` family, signal every thread glibc believes exists). That makes
+//! them safe in the child of `clone3`, which shares the suspended parent's
+//! memory until it calls `execve`.
 //!
 //! This module must not hold policy: which call runs when is decided in
 //! `child.rs` and `spawn.rs`.
 
+use std::ffi::{c_void, CStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -31,6 +34,59 @@ pub(crate) struct CloneArgs {
     pub set_tid: u64,
     pub set_tid_size: u64,
     pub cgroup: u64,
+}
+
+/// `clone3` with `CLONE_VM | CLONE_VFORK` in `args.flags` and a stack of
+/// its own in `args.stack`/`args.stack_size`: the child runs `child(arg)` on
+/// that stack, in the caller's memory, while the calling thread waits until
+/// the child has called `execve` or exited (like `posix_spawn`: no page
+/// tables copied, no copy-on-write faults afterwards). Returns the child's
+/// pid.
+///
+/// # Safety
+///
+/// `args` must hold `CLONE_VM | CLONE_VFORK` and a valid, writable stack
+/// not used by anything else until this returns. `child` must never
+/// return and may only make raw system calls (this module) and write
+/// memory the caller does not rely on: it runs on the caller's memory,
+/// with the caller's thread-local storage.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn clone3_vfork(
+    args: &mut CloneArgs,
+    child: unsafe extern "C" fn(*mut c_void) -> !,
+    arg: *mut c_void,
+) -> io::Result<libc::pid_t> {
+    let ret: i64;
+    // SAFETY: the syscall returns twice. In the parent only rax (the
+    // result), rcx and r11 change, as declared. The child starts at the
+    // next instruction with rsp at the top of its own 16-byte aligned
+    // stack (so `call` gives the callee the ABI's alignment), clears the
+    // frame pointer, and calls `child(arg)`, which never returns (ud2
+    // guards that); it never reaches Rust code of this function.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *mut CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") child,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret as i32));
+    }
+    Ok(ret as libc::pid_t)
 }
 
 /// `clone3` without `CLONE_VM`: like `fork`, it returns twice, 0 in the
@@ -60,17 +116,154 @@ pub(crate) unsafe fn clone3(args: &mut CloneArgs) -> io::Result<libc::pid_t> {
     Ok(r as libc::pid_t)
 }
 
-/// `pivot_root(new_root, put_old)`.
-///
-/// # Safety
-///
-/// Both pointers must be NUL-terminated strings.
-pub(crate) unsafe fn pivot_root(
-    new_root: *const libc::c_char,
-    put_old: *const libc::c_char,
+/// One raw system call with up to five integer or pointer arguments.
+macro_rules! raw {
+    ($nr:expr $(, $a:expr)*) => {
+        // SAFETY: the callers below pass the kernel's documented argument
+        // types; pointers are valid for the call (see each caller).
+        unsafe { libc::syscall($nr $(, $a)*) }
+    };
+}
+
+/// `close(fd)`.
+pub(crate) fn close(fd: RawFd) -> i64 {
+    raw!(libc::SYS_close, fd)
+}
+
+/// `write(fd, buf)`.
+pub(crate) fn write(fd: RawFd, buf: &[u8]) -> i64 {
+    raw!(libc::SYS_write, fd, buf.as_ptr(), buf.len())
+}
+
+/// `setsid()`.
+pub(crate) fn setsid() -> i64 {
+    raw!(libc::SYS_setsid)
+}
+
+/// `setns(fd, nstype)`.
+pub(crate) fn setns(fd: RawFd, nstype: i32) -> i64 {
+    raw!(libc::SYS_setns, fd, nstype)
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a close-on-exec copy at `min` or above.
+pub(crate) fn dup_above(fd: RawFd, min: RawFd) -> i64 {
+    raw!(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, min)
+}
+
+/// `dup3(old, new, 0)`: `new` becomes a copy of `old`, inherited by exec.
+pub(crate) fn dup_to(old: RawFd, new: RawFd) -> i64 {
+    raw!(libc::SYS_dup3, old, new, 0)
+}
+
+/// `mount(source, target, fstype, flags, NULL)`.
+pub(crate) fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
 ) -> i64 {
-    // SAFETY: the caller passes valid C strings; the call reads only them.
-    unsafe { libc::syscall(libc::SYS_pivot_root, new_root, put_old) }
+    let opt = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    raw!(
+        libc::SYS_mount,
+        opt(source),
+        target.as_ptr(),
+        opt(fstype),
+        flags,
+        std::ptr::null::<c_void>()
+    )
+}
+
+/// `umount2(target, flags)`.
+pub(crate) fn umount2(target: &CStr, flags: i32) -> i64 {
+    raw!(libc::SYS_umount2, target.as_ptr(), flags)
+}
+
+/// `chdir(path)`.
+pub(crate) fn chdir(path: &CStr) -> i64 {
+    raw!(libc::SYS_chdir, path.as_ptr())
+}
+
+/// `sethostname(name)`.
+pub(crate) fn sethostname(name: &[u8]) -> i64 {
+    raw!(libc::SYS_sethostname, name.as_ptr(), name.len())
+}
+
+/// `prctl(option, arg2, 0, 0, 0)`.
+pub(crate) fn prctl(option: i32, arg2: libc::c_ulong) -> i64 {
+    raw!(libc::SYS_prctl, option, arg2, 0usize, 0usize, 0usize)
+}
+
+/// Whether the read end of the pipe `write_end` has been closed by all
+/// (`ppoll` reports `POLLERR` on the write end then).
+pub(crate) fn pipe_reader_gone(write_end: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: write_end,
+        events: 0,
+        revents: 0,
+    };
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let r = raw!(
+        libc::SYS_ppoll,
+        &mut pfd as *mut libc::pollfd,
+        1usize,
+        &zero as *const libc::timespec,
+        std::ptr::null::<c_void>(),
+        8usize
+    );
+    r > 0 && pfd.revents & libc::POLLERR != 0
+}
+
+/// Sets `SIGPIPE` back to its default action and unblocks every signal.
+pub(crate) fn reset_signals() -> i64 {
+    /// The kernel's `struct sigaction` (no restorer needed for SIG_DFL).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    let r = raw!(
+        libc::SYS_rt_sigaction,
+        libc::SIGPIPE,
+        &dfl as *const KernelSigaction,
+        std::ptr::null_mut::<KernelSigaction>(),
+        8usize
+    );
+    if r < 0 {
+        return r;
+    }
+    let empty: u64 = 0;
+    raw!(
+        libc::SYS_rt_sigprocmask,
+        libc::SIG_SETMASK,
+        &empty as *const u64,
+        std::ptr::null_mut::<u64>(),
+        8usize
+    )
+}
+
+/// `_exit(code)`: ends the process (its only thread) at once.
+pub(crate) fn exit(code: i32) -> ! {
+    raw!(libc::SYS_exit_group, code);
+    // exit_group does not return.
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+/// `pivot_root(new_root, put_old)`.
+pub(crate) fn pivot_root(new_root: &CStr, put_old: &CStr) -> i64 {
+    raw!(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr())
 }
 
 /// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: executes the file `fd`
