@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::cgroup::Placement;
 use crate::child::{self, JailPlan, Plan};
@@ -309,11 +309,11 @@ fn spawn_with(spec: &Spawn, style: CloneStyle) -> Result<Jailed, JailError> {
         ..Default::default()
     };
     if let Some(jail) = &spec.jail {
-        args.flags |= (libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWCGROUP) as u64;
+        // No CLONE_NEWNS: the child enters a copy of the template instead
+        // of a copy of the caller's mounts.
+        args.flags |=
+            (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP)
+                as u64;
         if matches!(jail.netns, NetNs::New) {
             args.flags |= libc::CLONE_NEWNET as u64;
         }
@@ -569,13 +569,18 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
         .open(&jail.root)
         .map_err(|e| root_err(Some(e)))?;
 
+    let root_path = path_cstring(&jail.root)?;
+    let root = sys::open_tree_clone(&root_path, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV)
+        .map_err(|e| root_err(Some(e)))?;
+
     let mut binds = Vec::with_capacity(jail.binds.len());
     for bind in &jail.binds {
         let relative = inside_root(&bind.target)?;
-        let meta = fs::metadata(&bind.source).map_err(|source| JailError::BindSource {
+        let source_err = |source| JailError::BindSource {
             path: bind.source.clone(),
             source,
-        })?;
+        };
+        let meta = fs::metadata(&bind.source).map_err(source_err)?;
         make_mount_point(&root_dir, relative, meta.is_dir()).map_err(|source| {
             JailError::MountPoint {
                 root: jail.root.clone(),
@@ -584,11 +589,12 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
                 source,
             }
         })?;
-        binds.push((
-            path_cstring(&bind.source)?,
-            path_cstring(&jail.root.join(relative))?,
-            bind.readonly,
-        ));
+        let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        if bind.readonly {
+            attrs |= sys::MOUNT_ATTR_RDONLY;
+        }
+        let tree = sys::open_tree_clone(&path_cstring(&bind.source)?, attrs).map_err(source_err)?;
+        binds.push((tree, attach_path(relative)?));
     }
     let proc_target = if jail.proc {
         let target = Path::new("proc");
@@ -598,7 +604,7 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
             source_path: PathBuf::from("proc"),
             source,
         })?;
-        Some(path_cstring(&jail.root.join(target))?)
+        Some(attach_path(target)?)
     } else {
         None
     };
@@ -616,7 +622,8 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
     }
 
     Ok(JailPlan {
-        root: path_cstring(&jail.root)?,
+        mount_ns: template_mount_ns()?,
+        root,
         binds,
         proc_target,
         hostname: jail.hostname.as_bytes().to_vec(),
@@ -625,6 +632,92 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
         gid: jail.gid,
         last_cap: last_cap()?,
     })
+}
+
+/// Where `relative` (inside the jail root) is in the template namespace.
+fn attach_path(relative: &Path) -> Result<CString, JailError> {
+    let mut p = child::ATTACH.to_bytes().to_vec();
+    p.push(b'/');
+    p.extend_from_slice(relative.as_os_str().as_bytes());
+    CString::new(p).map_err(|_| JailError::Nul {
+        what: format!("path {}", relative.display()),
+    })
+}
+
+/// The template mount namespace, made once per process: a single
+/// read-only tmpfs holding the empty directory [`child::ATTACH`]. Each jail
+/// enters a private copy of it, so no jail copies (or later unmounts) the
+/// host's mounts.
+fn template_mount_ns() -> Result<RawFd, JailError> {
+    static NS: OnceLock<OwnedFd> = OnceLock::new();
+    static MAKING: Mutex<()> = Mutex::new(());
+    if let Some(ns) = NS.get() {
+        return Ok(ns.as_raw_fd());
+    }
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ns) = NS.get() {
+        return Ok(ns.as_raw_fd());
+    }
+    // In a thread of its own: unshare and pivot_root change that thread
+    // only, and it ends right after.
+    let made = std::thread::scope(|s| s.spawn(make_template).join())
+        .unwrap_or_else(|_| Err(io::Error::other("the thread making it panicked")));
+    let ns = made.map_err(|source| JailError::Prepare {
+        what: "make the template mount namespace",
+        source,
+    })?;
+    Ok(NS.get_or_init(|| ns).as_raw_fd())
+}
+
+fn make_template() -> io::Result<OwnedFd> {
+    let os = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: single system calls on C string literals; they change this
+    // thread's mount namespace, root and cwd only (unshare gives it its
+    // own fs_struct), and the thread ends when this returns.
+    unsafe {
+        os(libc::unshare(libc::CLONE_NEWNS))?;
+        let ns = fs::File::open("/proc/thread-self/ns/mnt")?;
+        os(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        // Over any directory of this private copy: /proc exists.
+        os(libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/proc".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0755,size=4k,nr_inodes=4".as_ptr().cast(),
+        ))?;
+        os(libc::mkdir(c"/proc/jail".as_ptr(), 0o755))?;
+        os(libc::chdir(c"/proc".as_ptr()))?;
+        os(sys::pivot_root(c".", c".") as libc::c_int)?;
+        os(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        os(libc::chdir(c"/".as_ptr()))?;
+        os(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REMOUNT
+                | libc::MS_BIND
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ))?;
+        Ok(ns.into())
+    }
 }
 
 /// `target` (absolute, no `..`, not `/`) as a path relative to the root.
@@ -670,10 +763,10 @@ fn make_mount_point(root: &fs::File, relative: &Path, dir: bool) -> io::Result<(
                 )
             };
             if fd < 0 {
+                // EISDIR: a directory cannot take a file's mount. ENXIO (a
+                // socket or FIFO without reader) is left for the mount.
                 let e = io::Error::last_os_error();
-                // An existing non-regular target (a socket, a directory)
-                // is left for the mount to accept or refuse.
-                if e.raw_os_error() != Some(libc::ENXIO) && e.raw_os_error() != Some(libc::EISDIR) {
+                if e.raw_os_error() != Some(libc::ENXIO) {
                     return Err(e);
                 }
             } else {
@@ -895,6 +988,11 @@ mod tests {
         assert!(root.path().join("a/c").is_dir());
         // Again: already there is fine.
         make_mount_point(&dir, Path::new("a/b/file"), false).unwrap();
+        // A file's mount point cannot be a directory, nor the reverse.
+        let e = make_mount_point(&dir, Path::new("a/c"), false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "{e}");
+        let e = make_mount_point(&dir, Path::new("a/b/file"), true).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR), "{e}");
 
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("evil")).unwrap();
@@ -909,6 +1007,35 @@ mod tests {
             0,
             "nothing created outside"
         );
+    }
+
+    #[test]
+    fn a_failing_bind_step_names_that_bind() {
+        let s = Spawn::new("/bin/true").jail(
+            Jail::new("/srv/vm", 1000, 1000)
+                .bind(Bind::same_path("/lib/a.so"))
+                .bind(Bind::readonly("/var/lib/zygote/master/mem", "/mem")),
+        );
+        match step_error(&s, Step::Bind(1), 9, libc::EINVAL) {
+            JailError::Bind {
+                source_path,
+                target,
+                source,
+            } => {
+                assert_eq!(source_path, Path::new("/var/lib/zygote/master/mem"));
+                assert_eq!(target, Path::new("/mem"));
+                assert_eq!(source.raw_os_error(), Some(libc::EINVAL));
+            }
+            other => panic!("expected Bind, got {other:?}"),
+        }
+        assert!(matches!(
+            step_error(&s, Step::Setuid, 9, libc::EPERM),
+            JailError::Step {
+                step: Step::Setuid,
+                pid: 9,
+                ..
+            }
+        ));
     }
 
     #[test]
