@@ -77,18 +77,27 @@ pub enum Stdio {
 }
 
 /// The confinement of a spawned process. Set up in the child, in this
-/// order, before the program runs: new mount, PID, IPC, UTS and cgroup
-/// namespaces (and network, see [`NetNs`]); a root holding only [`Jail::root`]'s
-/// contents and the binds; the hostname; rlimits; no supplementary groups,
-/// `uid`/`gid`; no capabilities (bounding, ambient, permitted, effective,
-/// inheritable); `no_new_privs`.
+/// order, before the program runs: new PID, IPC, UTS and cgroup namespaces
+/// (and network, see [`NetNs`]); a mount namespace holding only [`Jail::root`]
+/// and the binds, with the root as `/`; the hostname; rlimits; no
+/// supplementary groups, `uid`/`gid`; no capabilities (bounding, ambient,
+/// permitted, effective, inheritable); `no_new_privs`.
+///
+/// Jails may share one root: each has its own mount namespace, so their
+/// binds never meet. A root made once with every mount point in it (and
+/// each VM's own writable directory as a bind) saves the per-spawn cost of
+/// creating mount points, the largest part of a jail's cost (see
+/// `examples/spawn_bench.rs`).
 #[derive(Debug)]
 pub struct Jail {
     /// The directory that becomes `/`: absolute, existing. The process sees
     /// only what is in it and the binds. The jail's uid needs search (`x`)
     /// permission on it and write permission where the program creates
-    /// files (sockets, logs).
+    /// files (sockets, logs). Missing mount points are created in it.
     pub root: PathBuf,
+    /// Mount the root read-only (binds keep their own flags): for a root
+    /// shared by jails, whose writable parts are binds.
+    pub readonly_root: bool,
     /// Host files and directories mounted inside the root.
     pub binds: Vec<Bind>,
     /// Unprivileged uid (not 0, not `u32::MAX`).
@@ -107,12 +116,13 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// A jail rooted at `root` running as `uid`:`gid`, in a new empty
-    /// network namespace, hostname `zygote`, default [`Rlimits`], no binds,
-    /// no `/proc`.
+    /// A jail rooted at `root` (writable) running as `uid`:`gid`, in a new
+    /// empty network namespace, hostname `zygote`, default [`Rlimits`], no
+    /// binds, no `/proc`.
     pub fn new(root: impl Into<PathBuf>, uid: u32, gid: u32) -> Jail {
         Jail {
             root: root.into(),
+            readonly_root: false,
             binds: Vec::new(),
             uid,
             gid,
@@ -570,8 +580,11 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
         .map_err(|e| root_err(Some(e)))?;
 
     let root_path = path_cstring(&jail.root)?;
-    let root = sys::open_tree_clone(&root_path, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV)
-        .map_err(|e| root_err(Some(e)))?;
+    let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    if jail.readonly_root {
+        attrs |= sys::MOUNT_ATTR_RDONLY;
+    }
+    let root = sys::open_tree_clone(&root_path, attrs).map_err(|e| root_err(Some(e)))?;
 
     let mut binds = Vec::with_capacity(jail.binds.len());
     for bind in &jail.binds {

@@ -373,6 +373,45 @@ fn inside_the_jail_the_program_sees_only_its_root() {
 }
 
 #[test]
+fn jails_share_a_read_only_root_and_each_writes_only_its_own_directory() {
+    let _g = setup();
+    let shared = root();
+    let mut outputs = Vec::new();
+    let mut vm_dirs = Vec::new();
+    for (i, id) in [64_115u32, 64_116].into_iter().enumerate() {
+        let vm = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(vm.path(), Some(id), Some(id)).unwrap();
+        let mut jail = busybox_jail(&shared, id).bind(Bind::writable(vm.path(), "/run/vm"));
+        jail.readonly_root = true;
+        let script = format!(
+            "echo vm{i} > /run/vm/console.log; touch /intruder 2>/dev/null && echo wrote-root; ls /run/vm"
+        );
+        outputs.push(output(
+            Spawn::new(BUSYBOX).args(["sh", "-c", &script]).jail(jail),
+        ));
+        vm_dirs.push(vm);
+    }
+    for (i, (exit, out)) in outputs.iter().enumerate() {
+        assert_eq!(
+            (*exit, out.as_str()),
+            (Exit::Code(0), "console.log\n"),
+            "jail {i}"
+        );
+        let log = fs::read_to_string(vm_dirs[i].path().join("console.log")).unwrap();
+        assert_eq!(log, format!("vm{i}\n"));
+    }
+    assert!(!shared.path.join("intruder").exists());
+    // The shared root holds only the mount points, made once.
+    assert_eq!(
+        tree(&shared.path),
+        ["bin", "bin/busybox", "run", "run/vm"]
+            .map(PathBuf::from)
+            .into_iter()
+            .collect()
+    );
+}
+
+#[test]
 fn descriptors_are_placed_at_their_numbers_and_nothing_else_leaks() {
     let _g = setup();
     let root = root();
