@@ -147,6 +147,11 @@ fn main() {
         }),
     );
 
+    // SAFETY: no preconditions.
+    if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+        println!("(VM cgroups skipped: a real-time task cannot join a cgroup v1 cpu group without an RT budget)");
+        return;
+    }
     let cgroups =
         Cgroups::detect(&format!("jailer-bench-{}", std::process::id())).expect("cgroups");
     let limits = Limits {

@@ -26,8 +26,10 @@
 //!
 //! Needs Linux 5.14 (`clone3` with `CLONE_INTO_CGROUP` and
 //! `CLONE_CLEAR_SIGHAND`, `close_range` with `CLOSE_RANGE_CLOEXEC`, pidfds,
-//! `cgroup.kill`) and, for a jail, `CAP_SYS_ADMIN`, `CAP_SETUID`,
-//! `CAP_SETGID` and `CAP_SETPCAP` in the caller (root).
+//! `cgroup.kill`, `open_tree`/`move_mount`/`mount_setattr`) and, for a
+//! jail, `CAP_SYS_ADMIN`, `CAP_SYS_CHROOT`, `CAP_SETUID`, `CAP_SETGID` and
+//! `CAP_SETPCAP` in the initial user namespace (root). See `README.md` for
+//! what a caller must prepare and what it costs.
 //!
 //! This crate must not depend on the VMM or know what the program is.
 
