@@ -180,6 +180,12 @@ pub enum JailError {
         /// Which string (e.g. "argument 2").
         what: String,
     },
+    /// An environment variable's name is empty or holds `=`.
+    #[error("environment variable name {name:?} is empty or holds '='; name it without '='")]
+    EnvName {
+        /// The name as given.
+        name: String,
+    },
     /// A descriptor target is reserved or given twice.
     #[error("descriptor target {target} is {why}; give each inherited descriptor its own number above 2 (stdio goes through Spawn::stdin/stdout/stderr)")]
     FdTarget {
@@ -221,7 +227,7 @@ pub enum JailError {
         source: io::Error,
     },
     /// The mount point of a bind could not be made inside the root.
-    #[error("cannot create the mount point {target} for {source_path} inside the jail root {root} (an existing symlink is refused)")]
+    #[error("cannot create the mount point {target} for {source_path} inside the jail root {root} (an existing symlink is refused, and a file cannot be mounted on a directory or the reverse)")]
     MountPoint {
         /// The jail root.
         root: PathBuf,

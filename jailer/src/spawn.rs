@@ -283,7 +283,9 @@ impl Spawn {
 /// The calling thread blocks until the child has called `execve` (about
 /// the time of a fork and an exec): call it from a thread that may block.
 /// On error no child is left: one that failed during its set-up has been
-/// reaped.
+/// reaped. A child killed before it could exec (by a signal, or an OOM
+/// kill in its cgroup) is returned like one that exec'd and died at once:
+/// [`crate::wait`] tells how it ended.
 pub fn spawn(spec: &Spawn) -> Result<Jailed, JailError> {
     spawn_with(spec, CloneStyle::NATIVE)
 }
@@ -491,8 +493,8 @@ fn prepare(spec: &Spawn, keep: &mut Keep) -> Result<Plan, JailError> {
     let mut envp = Vec::with_capacity(spec.env.len() + 1);
     for (k, v) in &spec.env {
         if k.as_bytes().contains(&b'=') || k.is_empty() {
-            return Err(JailError::Nul {
-                what: format!("environment name {k:?} (empty or holding '=')"),
+            return Err(JailError::EnvName {
+                name: k.to_string_lossy().into_owned(),
             });
         }
         let mut kv = k.clone();
@@ -1055,6 +1057,41 @@ mod tests {
     fn a_nul_in_an_argument_is_refused_before_any_process_exists() {
         let s = Spawn::new("/bin/true").arg(OsString::from("a\0b"));
         assert!(matches!(spawn(&s), Err(JailError::Nul { what }) if what == "argument 1"));
+    }
+
+    #[test]
+    fn a_bad_environment_name_is_refused() {
+        for name in ["", "A=B"] {
+            let s = Spawn::new("/bin/true").env(name, "1");
+            assert!(
+                matches!(spawn(&s), Err(JailError::EnvName { name: n }) if n == name),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_environment_is_exactly_what_was_given() {
+        let (mut r, w) = {
+            let mut fds = [-1; 2];
+            // SAFETY: room for two descriptors, owned below.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: two new descriptors we own.
+            unsafe { (fs::File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        };
+        let mut s = Spawn::new("/bin/busybox")
+            .arg("env")
+            .env("ZYGOTE_VM", "clone-1");
+        s.stdout = Stdio::Fd(w);
+        let j = spawn(&s).unwrap();
+        drop(s);
+        let mut out = String::new();
+        r.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ZYGOTE_VM=clone-1\n");
+        assert_eq!(
+            process::wait(&j.pidfd, false).unwrap(),
+            Some(process::Exit::Code(0))
+        );
     }
 
     #[test]
