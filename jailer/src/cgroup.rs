@@ -1156,6 +1156,66 @@ mod tests {
     }
 
     #[test]
+    fn a_v2_base_takes_over_the_controllers_it_offers() {
+        let base = tempfile::tempdir().unwrap();
+        fs::write(
+            base.path().join("cgroup.controllers"),
+            "cpuset memory pids\n",
+        )
+        .unwrap();
+        let (v2, v1) = layout(
+            &parse_mountinfo(HYBRID_MOUNTINFO),
+            &parse_proc_cgroup(HYBRID_CGROUP),
+            |_| Some(String::new()),
+        );
+        let cgroups = Cgroups {
+            parent: "zygote".into(),
+            v2,
+            v1,
+        }
+        .with_v2_base(base.path().to_path_buf());
+        assert_eq!(cgroups.version(Controller::Memory), Some(Version::V2));
+        assert_eq!(cgroups.version(Controller::Pids), Some(Version::V2));
+        assert_eq!(cgroups.version(Controller::Cpu), Some(Version::V1));
+        assert_eq!(
+            cgroups.parent_dirs(),
+            vec![
+                base.path().join("zygote"),
+                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/zygote")
+            ]
+        );
+    }
+
+    #[test]
+    fn without_cgroup_kill_remove_kills_through_pidfds() {
+        // SAFETY: no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(euid, 0, "this test needs root (cgroups)");
+        let mut cgroups = Cgroups::detect(&format!("jailer-unit-{}", std::process::id())).unwrap();
+        // As on a host without cgroup v2 (or before Linux 5.14).
+        cgroups.v2 = None;
+        assert!(
+            !cgroups.v1.is_empty(),
+            "this host has cgroup v1 controllers"
+        );
+        let vm = cgroups.create("vm", &Limits::default()).unwrap();
+        let s = crate::Spawn::new("/bin/busybox")
+            .args(["sleep", "1000"])
+            .cgroup(vm.placement());
+        let child = crate::spawn(&s).unwrap();
+        assert_eq!(vm.procs().unwrap(), vec![child.pid]);
+        vm.remove().unwrap();
+        let exit = crate::wait(&child.pidfd, false).unwrap().unwrap();
+        assert_eq!(exit.signal(), Some(libc::SIGKILL));
+        for d in vm.dirs() {
+            assert!(!d.exists(), "{d:?}");
+        }
+        for d in cgroups.parent_dirs() {
+            fs::remove_dir(&d).unwrap();
+        }
+    }
+
+    #[test]
     fn keyed_files_are_read_by_key() {
         let text = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
         assert_eq!(keyed(text, "oom_kill"), Some(3));

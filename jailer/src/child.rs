@@ -8,8 +8,8 @@
 //! in `execve` or `_exit(127)` after writing the failing [`Step`] and errno
 //! on the report pipe.
 
-use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::error::Step;
 use crate::sys;
@@ -46,13 +46,20 @@ pub(crate) struct Plan {
     pub die_with_parent: bool,
 }
 
+/// Where the jail's root is attached in the template mount namespace
+/// (an empty directory of its read-only tmpfs).
+pub(crate) const ATTACH: &CStr = c"/jail";
+
 /// The confinement part of a [`Plan`].
 pub(crate) struct JailPlan {
-    /// The root directory (absolute).
-    pub root: CString,
-    /// (source, absolute target on the host, read-only) per bind.
-    pub binds: Vec<(CString, CString, bool)>,
-    /// Where to mount `proc` (absolute on the host), if asked.
+    /// The template mount namespace: one read-only tmpfs holding [`ATTACH`].
+    pub mount_ns: RawFd,
+    /// The root directory, a detached mount (`nosuid,nodev`).
+    pub root: OwnedFd,
+    /// Per bind: the source, a detached mount with its flags, and where to
+    /// attach it (under [`ATTACH`]).
+    pub binds: Vec<(OwnedFd, CString)>,
+    /// Where to mount `proc` (under [`ATTACH`]), if asked.
     pub proc_target: Option<CString>,
     /// Hostname in the new UTS namespace.
     pub hostname: Vec<u8>,
@@ -121,6 +128,11 @@ pub(crate) unsafe fn run(plan: &mut Plan) -> ! {
     if let Some(ns) = plan.netns {
         check(report, sys::setns(ns, libc::CLONE_NEWNET), Step::JoinNetns);
     }
+    // Mounts use the detached trees' descriptors: before any dup below
+    // may reuse their numbers.
+    if let Some(jail) = &plan.jail {
+        enter_root(report, jail);
+    }
 
     // Descriptors: first copy everything still needed above every target,
     // so that no dup below can clobber it, then place each source at its
@@ -157,7 +169,7 @@ pub(crate) unsafe fn run(plan: &mut Plan) -> ! {
     );
 
     if let Some(jail) = &plan.jail {
-        confine(report, jail);
+        drop_privileges(report, jail);
     }
 
     if plan.die_with_parent {
@@ -185,36 +197,32 @@ pub(crate) unsafe fn run(plan: &mut Plan) -> ! {
     fail(report, Step::Exec, sys::errno())
 }
 
-/// Mounts, hostname, limits and credentials of a jail.
-fn confine(report: RawFd, jail: &JailPlan) {
-    let bind_flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
-
-    // Nothing done below may propagate to the host's mounts.
-    let r = sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE);
-    check(report, r, Step::MountPrivate);
-
-    // pivot_root needs the new root to be a mount point.
-    let r = sys::mount(Some(&jail.root), &jail.root, None, libc::MS_BIND);
-    check(report, r, Step::BindRoot);
+/// Enters a mount namespace holding only the jail's root and binds, and
+/// makes that root its `/`.
+///
+/// The namespace is a private copy of the template (one read-only tmpfs),
+/// not of the host's: no host mount is copied in, so none has to be
+/// unmounted again (which costs an RCU grace period), and none is left
+/// reachable, even hidden. The root and the binds are mounts the parent
+/// detached from the host's tree (`open_tree`), attached here.
+fn enter_root(report: RawFd, jail: &JailPlan) {
     check(
         report,
-        sys::mount(None, &jail.root, None, bind_flags),
-        Step::BindRoot,
+        sys::setns(jail.mount_ns, libc::CLONE_NEWNS),
+        Step::EnterMountNs,
     );
-
-    for (i, (source, target, readonly)) in jail.binds.iter().enumerate() {
+    check(report, sys::unshare(libc::CLONE_NEWNS), Step::EnterMountNs);
+    check(
+        report,
+        sys::move_mount_tree(jail.root.as_raw_fd(), ATTACH),
+        Step::AttachRoot,
+    );
+    for (i, (tree, target)) in jail.binds.iter().enumerate() {
         check(
             report,
-            sys::mount(Some(source), target, None, libc::MS_BIND),
+            sys::move_mount_tree(tree.as_raw_fd(), target),
             Step::Bind(i),
         );
-        // A bind mount takes its flags only from a second, remount call.
-        let flags = if *readonly {
-            bind_flags | libc::MS_RDONLY
-        } else {
-            bind_flags
-        };
-        check(report, sys::mount(None, target, None, flags), Step::Bind(i));
     }
     if let Some(target) = &jail.proc_target {
         // Mounted from inside the new PID namespace: it shows only the
@@ -226,18 +234,15 @@ fn confine(report: RawFd, jail: &JailPlan) {
             Step::MountProc,
         );
     }
+    // The template's tmpfs stays below, empty and read-only; leaving the
+    // chroot would need CAP_SYS_CHROOT, which is dropped below.
+    check(report, sys::chdir(ATTACH), Step::Chroot);
+    check(report, sys::chroot(c"."), Step::Chroot);
+    check(report, sys::chdir(c"/"), Step::Chroot);
+}
 
-    // pivot_root(".", "."): the old root ends up stacked on the new one,
-    // and unmounting "." detaches it; no directory for it needed.
-    check(report, sys::chdir(&jail.root), Step::PivotRoot);
-    check(report, sys::pivot_root(c".", c"."), Step::PivotRoot);
-    check(
-        report,
-        sys::umount2(c".", libc::MNT_DETACH),
-        Step::DetachOldRoot,
-    );
-    check(report, sys::chdir(c"/"), Step::DetachOldRoot);
-
+/// Hostname, limits and credentials of a jail.
+fn drop_privileges(report: RawFd, jail: &JailPlan) {
     check(report, sys::sethostname(&jail.hostname), Step::Hostname);
 
     // Before the uid change: raising a hard limit needs CAP_SYS_RESOURCE.

@@ -25,19 +25,17 @@ pub enum Step {
     MapFds,
     /// Mark every other descriptor close-on-exec.
     CloseFds,
-    /// Make every mount private, so nothing propagates back to the host.
-    MountPrivate,
-    /// Bind-mount the root directory onto itself (`pivot_root` needs a
-    /// mount point) and remount it `nosuid,nodev`.
-    BindRoot,
-    /// Bind-mount one of [`crate::Jail::binds`] (by index).
+    /// Enter a mount namespace of its own (a copy of the jailer's empty
+    /// template).
+    EnterMountNs,
+    /// Attach the jail root.
+    AttachRoot,
+    /// Attach one of [`crate::Jail::binds`] (by index).
     Bind(usize),
     /// Mount a fresh `proc` at `/proc` inside the root.
     MountProc,
-    /// `chdir` into the root, `pivot_root` into it.
-    PivotRoot,
-    /// Detach the old root, so no host path stays reachable.
-    DetachOldRoot,
+    /// `chroot` into the jail root.
+    Chroot,
     /// `sethostname` in the new UTS namespace.
     Hostname,
     /// Set a resource limit.
@@ -83,43 +81,41 @@ impl Step {
             Step::MoveFds => 3,
             Step::MapFds => 4,
             Step::CloseFds => 5,
-            Step::MountPrivate => 6,
-            Step::BindRoot => 7,
+            Step::EnterMountNs => 6,
+            Step::AttachRoot => 7,
             Step::Bind(_) => 8,
             Step::MountProc => 9,
-            Step::PivotRoot => 10,
-            Step::DetachOldRoot => 11,
-            Step::Hostname => 12,
-            Step::Rlimit => 13,
-            Step::Setgroups => 14,
-            Step::Setgid => 15,
-            Step::DropBoundingSet => 16,
-            Step::ClearAmbient => 17,
-            Step::Setuid => 18,
-            Step::ClearCapabilities => 19,
-            Step::NoNewPrivs => 20,
-            Step::ParentDeathSignal => 21,
-            Step::ParentGone => 22,
-            Step::Signals => 23,
-            Step::Exec => 24,
+            Step::Chroot => 10,
+            Step::Hostname => 11,
+            Step::Rlimit => 12,
+            Step::Setgroups => 13,
+            Step::Setgid => 14,
+            Step::DropBoundingSet => 15,
+            Step::ClearAmbient => 16,
+            Step::Setuid => 17,
+            Step::ClearCapabilities => 18,
+            Step::NoNewPrivs => 19,
+            Step::ParentDeathSignal => 20,
+            Step::ParentGone => 21,
+            Step::Signals => 22,
+            Step::Exec => 23,
         }
     }
 
     /// Inverse of [`Step::encode`].
     pub(crate) fn decode(code: u32, index: u32) -> Option<Step> {
-        const ALL: [Step; 25] = [
+        const ALL: [Step; 24] = [
             Step::Setsid,
             Step::JoinCgroup,
             Step::JoinNetns,
             Step::MoveFds,
             Step::MapFds,
             Step::CloseFds,
-            Step::MountPrivate,
-            Step::BindRoot,
+            Step::EnterMountNs,
+            Step::AttachRoot,
             Step::Bind(0),
             Step::MountProc,
-            Step::PivotRoot,
-            Step::DetachOldRoot,
+            Step::Chroot,
             Step::Hostname,
             Step::Rlimit,
             Step::Setgroups,
@@ -150,12 +146,11 @@ impl std::fmt::Display for Step {
             Step::MoveFds => "copy its descriptors out of the way",
             Step::MapFds => "place its descriptors at their numbers (dup2)",
             Step::CloseFds => "mark the other descriptors close-on-exec",
-            Step::MountPrivate => "make its mounts private",
-            Step::BindRoot => "bind-mount the jail root onto itself",
-            Step::Bind(i) => return write!(f, "bind-mount bind #{i}"),
+            Step::EnterMountNs => "enter a mount namespace of its own",
+            Step::AttachRoot => "attach the jail root",
+            Step::Bind(i) => return write!(f, "attach bind #{i}"),
             Step::MountProc => "mount proc in the jail root",
-            Step::PivotRoot => "pivot_root into the jail root",
-            Step::DetachOldRoot => "detach the host's root",
+            Step::Chroot => "chroot into the jail root",
             Step::Hostname => "set its hostname",
             Step::Rlimit => "set a resource limit",
             Step::Setgroups => "drop its supplementary groups",
@@ -184,6 +179,12 @@ pub enum JailError {
     Nul {
         /// Which string (e.g. "argument 2").
         what: String,
+    },
+    /// An environment variable's name is empty or holds `=`.
+    #[error("environment variable name {name:?} is empty or holds '='; name it without '='")]
+    EnvName {
+        /// The name as given.
+        name: String,
     },
     /// A descriptor target is reserved or given twice.
     #[error("descriptor target {target} is {why}; give each inherited descriptor its own number above 2 (stdio goes through Spawn::stdin/stdout/stderr)")]
@@ -226,7 +227,7 @@ pub enum JailError {
         source: io::Error,
     },
     /// The mount point of a bind could not be made inside the root.
-    #[error("cannot create the mount point {target} for {source_path} inside the jail root {root} (an existing symlink is refused)")]
+    #[error("cannot create the mount point {target} for {source_path} inside the jail root {root} (an existing symlink is refused, and a file cannot be mounted on a directory or the reverse)")]
     MountPoint {
         /// The jail root.
         root: PathBuf,
@@ -275,8 +276,8 @@ pub enum JailError {
         #[source]
         source: io::Error,
     },
-    /// The child could not bind-mount one of the jail's binds.
-    #[error("the jailed process could not bind-mount {source_path} at {target} in the jail root")]
+    /// The child could not attach one of the jail's binds.
+    #[error("the jailed process could not mount {source_path} at {target} in the jail root")]
     Bind {
         /// The bind's source on the host.
         source_path: PathBuf,
@@ -310,7 +311,7 @@ mod tests {
 
     #[test]
     fn every_step_survives_the_wire() {
-        for code in 0..25 {
+        for code in 0..24 {
             let step = Step::decode(code, 7).expect("every code up to Exec decodes");
             let (c, i) = step.encode();
             assert_eq!(c, code);
@@ -318,20 +319,20 @@ mod tests {
                 assert_eq!((n, i), (7, 7));
             }
         }
-        assert_eq!(Step::decode(25, 0), None);
+        assert_eq!(Step::decode(24, 0), None);
         assert_eq!(Step::decode(u32::MAX, 0), None);
     }
 
     #[test]
     fn a_step_error_names_the_step_and_keeps_the_cause() {
         let e = JailError::Step {
-            step: Step::PivotRoot,
+            step: Step::Chroot,
             pid: 42,
             source: io::Error::from_raw_os_error(libc::EINVAL),
         };
         assert_eq!(
             e.to_string(),
-            "the jailed process (pid 42) could not pivot_root into the jail root"
+            "the jailed process (pid 42) could not chroot into the jail root"
         );
         let cause = std::error::Error::source(&e).expect("the OS error is the source");
         assert_eq!(

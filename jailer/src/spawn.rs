@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::cgroup::Placement;
 use crate::child::{self, JailPlan, Plan};
@@ -77,18 +77,27 @@ pub enum Stdio {
 }
 
 /// The confinement of a spawned process. Set up in the child, in this
-/// order, before the program runs: new mount, PID, IPC, UTS and cgroup
-/// namespaces (and network, see [`NetNs`]); a root holding only [`Jail::root`]'s
-/// contents and the binds; the hostname; rlimits; no supplementary groups,
-/// `uid`/`gid`; no capabilities (bounding, ambient, permitted, effective,
-/// inheritable); `no_new_privs`.
+/// order, before the program runs: new PID, IPC, UTS and cgroup namespaces
+/// (and network, see [`NetNs`]); a mount namespace holding only [`Jail::root`]
+/// and the binds, with the root as `/`; the hostname; rlimits; no
+/// supplementary groups, `uid`/`gid`; no capabilities (bounding, ambient,
+/// permitted, effective, inheritable); `no_new_privs`.
+///
+/// Jails may share one root: each has its own mount namespace, so their
+/// binds never meet. A root made once with every mount point in it (and
+/// each VM's own writable directory as a bind) saves the per-spawn cost of
+/// creating mount points, the largest part of a jail's cost (see
+/// `examples/spawn_bench.rs`).
 #[derive(Debug)]
 pub struct Jail {
     /// The directory that becomes `/`: absolute, existing. The process sees
     /// only what is in it and the binds. The jail's uid needs search (`x`)
     /// permission on it and write permission where the program creates
-    /// files (sockets, logs).
+    /// files (sockets, logs). Missing mount points are created in it.
     pub root: PathBuf,
+    /// Mount the root read-only (binds keep their own flags): for a root
+    /// shared by jails, whose writable parts are binds.
+    pub readonly_root: bool,
     /// Host files and directories mounted inside the root.
     pub binds: Vec<Bind>,
     /// Unprivileged uid (not 0, not `u32::MAX`).
@@ -107,12 +116,13 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// A jail rooted at `root` running as `uid`:`gid`, in a new empty
-    /// network namespace, hostname `zygote`, default [`Rlimits`], no binds,
-    /// no `/proc`.
+    /// A jail rooted at `root` (writable) running as `uid`:`gid`, in a new
+    /// empty network namespace, hostname `zygote`, default [`Rlimits`], no
+    /// binds, no `/proc`.
     pub fn new(root: impl Into<PathBuf>, uid: u32, gid: u32) -> Jail {
         Jail {
             root: root.into(),
+            readonly_root: false,
             binds: Vec::new(),
             uid,
             gid,
@@ -273,7 +283,9 @@ impl Spawn {
 /// The calling thread blocks until the child has called `execve` (about
 /// the time of a fork and an exec): call it from a thread that may block.
 /// On error no child is left: one that failed during its set-up has been
-/// reaped.
+/// reaped. A child killed before it could exec (by a signal, or an OOM
+/// kill in its cgroup) is returned like one that exec'd and died at once:
+/// [`crate::wait`] tells how it ended.
 pub fn spawn(spec: &Spawn) -> Result<Jailed, JailError> {
     spawn_with(spec, CloneStyle::NATIVE)
 }
@@ -309,11 +321,11 @@ fn spawn_with(spec: &Spawn, style: CloneStyle) -> Result<Jailed, JailError> {
         ..Default::default()
     };
     if let Some(jail) = &spec.jail {
-        args.flags |= (libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWCGROUP) as u64;
+        // No CLONE_NEWNS: the child enters a copy of the template instead
+        // of a copy of the caller's mounts.
+        args.flags |=
+            (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP)
+                as u64;
         if matches!(jail.netns, NetNs::New) {
             args.flags |= libc::CLONE_NEWNET as u64;
         }
@@ -481,8 +493,8 @@ fn prepare(spec: &Spawn, keep: &mut Keep) -> Result<Plan, JailError> {
     let mut envp = Vec::with_capacity(spec.env.len() + 1);
     for (k, v) in &spec.env {
         if k.as_bytes().contains(&b'=') || k.is_empty() {
-            return Err(JailError::Nul {
-                what: format!("environment name {k:?} (empty or holding '=')"),
+            return Err(JailError::EnvName {
+                name: k.to_string_lossy().into_owned(),
             });
         }
         let mut kv = k.clone();
@@ -569,13 +581,21 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
         .open(&jail.root)
         .map_err(|e| root_err(Some(e)))?;
 
+    let root_path = path_cstring(&jail.root)?;
+    let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    if jail.readonly_root {
+        attrs |= sys::MOUNT_ATTR_RDONLY;
+    }
+    let root = sys::open_tree_clone(&root_path, attrs).map_err(|e| root_err(Some(e)))?;
+
     let mut binds = Vec::with_capacity(jail.binds.len());
     for bind in &jail.binds {
         let relative = inside_root(&bind.target)?;
-        let meta = fs::metadata(&bind.source).map_err(|source| JailError::BindSource {
+        let source_err = |source| JailError::BindSource {
             path: bind.source.clone(),
             source,
-        })?;
+        };
+        let meta = fs::metadata(&bind.source).map_err(source_err)?;
         make_mount_point(&root_dir, relative, meta.is_dir()).map_err(|source| {
             JailError::MountPoint {
                 root: jail.root.clone(),
@@ -584,11 +604,12 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
                 source,
             }
         })?;
-        binds.push((
-            path_cstring(&bind.source)?,
-            path_cstring(&jail.root.join(relative))?,
-            bind.readonly,
-        ));
+        let mut attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        if bind.readonly {
+            attrs |= sys::MOUNT_ATTR_RDONLY;
+        }
+        let tree = sys::open_tree_clone(&path_cstring(&bind.source)?, attrs).map_err(source_err)?;
+        binds.push((tree, attach_path(relative)?));
     }
     let proc_target = if jail.proc {
         let target = Path::new("proc");
@@ -598,7 +619,7 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
             source_path: PathBuf::from("proc"),
             source,
         })?;
-        Some(path_cstring(&jail.root.join(target))?)
+        Some(attach_path(target)?)
     } else {
         None
     };
@@ -616,7 +637,8 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
     }
 
     Ok(JailPlan {
-        root: path_cstring(&jail.root)?,
+        mount_ns: template_mount_ns()?,
+        root,
         binds,
         proc_target,
         hostname: jail.hostname.as_bytes().to_vec(),
@@ -625,6 +647,92 @@ fn prepare_jail(jail: &Jail) -> Result<JailPlan, JailError> {
         gid: jail.gid,
         last_cap: last_cap()?,
     })
+}
+
+/// Where `relative` (inside the jail root) is in the template namespace.
+fn attach_path(relative: &Path) -> Result<CString, JailError> {
+    let mut p = child::ATTACH.to_bytes().to_vec();
+    p.push(b'/');
+    p.extend_from_slice(relative.as_os_str().as_bytes());
+    CString::new(p).map_err(|_| JailError::Nul {
+        what: format!("path {}", relative.display()),
+    })
+}
+
+/// The template mount namespace, made once per process: a single
+/// read-only tmpfs holding the empty directory [`child::ATTACH`]. Each jail
+/// enters a private copy of it, so no jail copies (or later unmounts) the
+/// host's mounts.
+fn template_mount_ns() -> Result<RawFd, JailError> {
+    static NS: OnceLock<OwnedFd> = OnceLock::new();
+    static MAKING: Mutex<()> = Mutex::new(());
+    if let Some(ns) = NS.get() {
+        return Ok(ns.as_raw_fd());
+    }
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ns) = NS.get() {
+        return Ok(ns.as_raw_fd());
+    }
+    // In a thread of its own: unshare and pivot_root change that thread
+    // only, and it ends right after.
+    let made = std::thread::scope(|s| s.spawn(make_template).join())
+        .unwrap_or_else(|_| Err(io::Error::other("the thread making it panicked")));
+    let ns = made.map_err(|source| JailError::Prepare {
+        what: "make the template mount namespace",
+        source,
+    })?;
+    Ok(NS.get_or_init(|| ns).as_raw_fd())
+}
+
+fn make_template() -> io::Result<OwnedFd> {
+    let os = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: single system calls on C string literals; they change this
+    // thread's mount namespace, root and cwd only (unshare gives it its
+    // own fs_struct), and the thread ends when this returns.
+    unsafe {
+        os(libc::unshare(libc::CLONE_NEWNS))?;
+        let ns = fs::File::open("/proc/thread-self/ns/mnt")?;
+        os(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        // Over any directory of this private copy: /proc exists.
+        os(libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/proc".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0755,size=4k,nr_inodes=4".as_ptr().cast(),
+        ))?;
+        os(libc::mkdir(c"/proc/jail".as_ptr(), 0o755))?;
+        os(libc::chdir(c"/proc".as_ptr()))?;
+        os(sys::pivot_root(c".", c".") as libc::c_int)?;
+        os(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        os(libc::chdir(c"/".as_ptr()))?;
+        os(libc::mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REMOUNT
+                | libc::MS_BIND
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ))?;
+        Ok(ns.into())
+    }
 }
 
 /// `target` (absolute, no `..`, not `/`) as a path relative to the root.
@@ -670,10 +778,10 @@ fn make_mount_point(root: &fs::File, relative: &Path, dir: bool) -> io::Result<(
                 )
             };
             if fd < 0 {
+                // EISDIR: a directory cannot take a file's mount. ENXIO (a
+                // socket or FIFO without reader) is left for the mount.
                 let e = io::Error::last_os_error();
-                // An existing non-regular target (a socket, a directory)
-                // is left for the mount to accept or refuse.
-                if e.raw_os_error() != Some(libc::ENXIO) && e.raw_os_error() != Some(libc::EISDIR) {
+                if e.raw_os_error() != Some(libc::ENXIO) {
                     return Err(e);
                 }
             } else {
@@ -895,6 +1003,11 @@ mod tests {
         assert!(root.path().join("a/c").is_dir());
         // Again: already there is fine.
         make_mount_point(&dir, Path::new("a/b/file"), false).unwrap();
+        // A file's mount point cannot be a directory, nor the reverse.
+        let e = make_mount_point(&dir, Path::new("a/c"), false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "{e}");
+        let e = make_mount_point(&dir, Path::new("a/b/file"), true).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR), "{e}");
 
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("evil")).unwrap();
@@ -912,9 +1025,73 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_bind_step_names_that_bind() {
+        let s = Spawn::new("/bin/true").jail(
+            Jail::new("/srv/vm", 1000, 1000)
+                .bind(Bind::same_path("/lib/a.so"))
+                .bind(Bind::readonly("/var/lib/zygote/master/mem", "/mem")),
+        );
+        match step_error(&s, Step::Bind(1), 9, libc::EINVAL) {
+            JailError::Bind {
+                source_path,
+                target,
+                source,
+            } => {
+                assert_eq!(source_path, Path::new("/var/lib/zygote/master/mem"));
+                assert_eq!(target, Path::new("/mem"));
+                assert_eq!(source.raw_os_error(), Some(libc::EINVAL));
+            }
+            other => panic!("expected Bind, got {other:?}"),
+        }
+        assert!(matches!(
+            step_error(&s, Step::Setuid, 9, libc::EPERM),
+            JailError::Step {
+                step: Step::Setuid,
+                pid: 9,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn a_nul_in_an_argument_is_refused_before_any_process_exists() {
         let s = Spawn::new("/bin/true").arg(OsString::from("a\0b"));
         assert!(matches!(spawn(&s), Err(JailError::Nul { what }) if what == "argument 1"));
+    }
+
+    #[test]
+    fn a_bad_environment_name_is_refused() {
+        for name in ["", "A=B"] {
+            let s = Spawn::new("/bin/true").env(name, "1");
+            assert!(
+                matches!(spawn(&s), Err(JailError::EnvName { name: n }) if n == name),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_environment_is_exactly_what_was_given() {
+        let (mut r, w) = {
+            let mut fds = [-1; 2];
+            // SAFETY: room for two descriptors, owned below.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: two new descriptors we own.
+            unsafe { (fs::File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        };
+        let mut s = Spawn::new("/bin/busybox")
+            .arg("env")
+            .env("ZYGOTE_VM", "clone-1");
+        s.stdout = Stdio::Fd(w);
+        let j = spawn(&s).unwrap();
+        drop(s);
+        let mut out = String::new();
+        r.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ZYGOTE_VM=clone-1\n");
+        assert_eq!(
+            process::wait(&j.pidfd, false).unwrap(),
+            Some(process::Exit::Code(0))
+        );
     }
 
     #[test]

@@ -173,11 +173,6 @@ pub(crate) fn mount(
     )
 }
 
-/// `umount2(target, flags)`.
-pub(crate) fn umount2(target: &CStr, flags: i32) -> i64 {
-    raw!(libc::SYS_umount2, target.as_ptr(), flags)
-}
-
 /// `chdir(path)`.
 pub(crate) fn chdir(path: &CStr) -> i64 {
     raw!(libc::SYS_chdir, path.as_ptr())
@@ -264,6 +259,83 @@ pub(crate) fn exit(code: i32) -> ! {
 /// `pivot_root(new_root, put_old)`.
 pub(crate) fn pivot_root(new_root: &CStr, put_old: &CStr) -> i64 {
     raw!(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr())
+}
+
+/// `chroot(path)`.
+pub(crate) fn chroot(path: &CStr) -> i64 {
+    raw!(libc::SYS_chroot, path.as_ptr())
+}
+
+/// `unshare(flags)`.
+pub(crate) fn unshare(flags: i32) -> i64 {
+    raw!(libc::SYS_unshare, flags)
+}
+
+/// `move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`:
+/// attaches the detached mount tree `tree` (from [`open_tree_clone`]) at
+/// `target` in the caller's mount namespace.
+pub(crate) fn move_mount_tree(tree: RawFd, target: &CStr) -> i64 {
+    const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
+    raw!(
+        libc::SYS_move_mount,
+        tree,
+        c"".as_ptr(),
+        libc::AT_FDCWD,
+        target.as_ptr(),
+        MOVE_MOUNT_F_EMPTY_PATH
+    )
+}
+
+/// Per-mount flags for [`open_tree_clone`].
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// No set-user-ID or file capabilities honoured.
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+/// No device nodes usable.
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// A detached copy of the mount at `path` (not of the mounts below it),
+/// with the per-mount flags `attrs` set: `open_tree(OPEN_TREE_CLONE)` then
+/// `mount_setattr`. Nothing is visible anywhere until it is attached with
+/// [`move_mount_tree`]; closing an unattached one unmounts it.
+pub(crate) fn open_tree_clone(path: &CStr, attrs: u64) -> io::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: u32 = 0x1;
+    let r = raw!(
+        libc::SYS_open_tree,
+        libc::AT_FDCWD,
+        path.as_ptr(),
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as u32
+    );
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(r as RawFd) };
+    /// `struct mount_attr` (version 0).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let r = raw!(
+        libc::SYS_mount_setattr,
+        tree.as_raw_fd(),
+        c"".as_ptr(),
+        libc::AT_EMPTY_PATH,
+        &attr as *const MountAttr,
+        std::mem::size_of::<MountAttr>()
+    );
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tree)
 }
 
 /// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: executes the file `fd`

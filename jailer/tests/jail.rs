@@ -260,6 +260,73 @@ fn a_jailed_process_has_no_privileges_and_its_own_namespaces() {
 }
 
 #[test]
+fn the_jails_mount_namespace_holds_no_host_mount() {
+    let _g = setup();
+    let root = root();
+    let p = start(&sleeper().jail(busybox_jail(&root, 64_114)));
+    let ns = File::open(format!("/proc/{}/ns/mnt", p.pid())).unwrap();
+    let proc_dir = File::open("/proc").unwrap();
+    // Entered from a thread of our own (with its own fs_struct, as setns
+    // requires), read through our /proc, which that namespace lacks.
+    let mountinfo = std::thread::scope(|t| {
+        t.spawn(|| {
+            // SAFETY: these change this thread's fs_struct and mount
+            // namespace only; the thread ends right after.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_FS), 0);
+                assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS), 0);
+                let fd = libc::openat(
+                    proc_dir.as_raw_fd(),
+                    c"thread-self/mountinfo".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                );
+                assert!(fd >= 0);
+                let mut s = String::new();
+                File::from_raw_fd(fd).read_to_string(&mut s).unwrap();
+                s
+            }
+        })
+        .join()
+        .unwrap()
+    });
+    let mounts: BTreeSet<(String, String)> = mountinfo
+        .lines()
+        .map(|l| {
+            let (left, right) = l.split_once(" - ").unwrap();
+            (
+                left.split(' ').nth(4).unwrap().to_string(),
+                right.split(' ').next().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let root_fs = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .map(|l| {
+            l.split_once(" - ")
+                .unwrap()
+                .1
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .unwrap();
+    assert_eq!(
+        mounts,
+        [
+            ("/".to_string(), "tmpfs".to_string()),
+            ("/jail".to_string(), root_fs.clone()),
+            ("/jail/bin/busybox".to_string(), root_fs),
+        ]
+        .into_iter()
+        .collect(),
+        "only the empty template, the jail root and its bind"
+    );
+}
+
+#[test]
 fn a_jailed_process_joins_the_given_network_namespace() {
     let _g = setup();
     let root = root();
@@ -303,6 +370,45 @@ fn inside_the_jail_the_program_sees_only_its_root() {
         "hostname, ids, pid, root, and the only process /proc shows"
     );
     assert_no_children();
+}
+
+#[test]
+fn jails_share_a_read_only_root_and_each_writes_only_its_own_directory() {
+    let _g = setup();
+    let shared = root();
+    let mut outputs = Vec::new();
+    let mut vm_dirs = Vec::new();
+    for (i, id) in [64_115u32, 64_116].into_iter().enumerate() {
+        let vm = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(vm.path(), Some(id), Some(id)).unwrap();
+        let mut jail = busybox_jail(&shared, id).bind(Bind::writable(vm.path(), "/run/vm"));
+        jail.readonly_root = true;
+        let script = format!(
+            "echo vm{i} > /run/vm/console.log; touch /intruder 2>/dev/null && echo wrote-root; ls /run/vm"
+        );
+        outputs.push(output(
+            Spawn::new(BUSYBOX).args(["sh", "-c", &script]).jail(jail),
+        ));
+        vm_dirs.push(vm);
+    }
+    for (i, (exit, out)) in outputs.iter().enumerate() {
+        assert_eq!(
+            (*exit, out.as_str()),
+            (Exit::Code(0), "console.log\n"),
+            "jail {i}"
+        );
+        let log = fs::read_to_string(vm_dirs[i].path().join("console.log")).unwrap();
+        assert_eq!(log, format!("vm{i}\n"));
+    }
+    assert!(!shared.path.join("intruder").exists());
+    // The shared root holds only the mount points, made once.
+    assert_eq!(
+        tree(&shared.path),
+        ["bin", "bin/busybox", "run", "run/vm"]
+            .map(PathBuf::from)
+            .into_iter()
+            .collect()
+    );
 }
 
 #[test]
@@ -374,23 +480,15 @@ fn a_failing_step_is_a_typed_error_and_leaves_no_child() {
     }
     assert_no_children();
 
-    // A file onto an existing directory: the child's mount fails, and the
-    // error says which bind.
+    // A file onto an existing directory: refused the same way.
     fs::create_dir(root.path.join("conf")).unwrap();
     let jail = busybox_jail(&root, 64_105).bind(Bind::readonly("/etc/hostname", "/conf"));
     match spawn(&sleeper().jail(jail)) {
-        Err(JailError::Bind {
-            source_path,
-            target,
-            source,
-        }) => {
-            assert_eq!(
-                (source_path.as_path(), target.as_path()),
-                (Path::new("/etc/hostname"), Path::new("/conf"))
-            );
-            assert_eq!(source.raw_os_error(), Some(libc::ENOTDIR));
+        Err(JailError::MountPoint { target, source, .. }) => {
+            assert_eq!(target, Path::new("/conf"));
+            assert_eq!(source.raw_os_error(), Some(libc::EISDIR));
         }
-        other => panic!("expected Bind, got {other:?}"),
+        other => panic!("expected MountPoint, got {other:?}"),
     }
     assert_no_children();
 
