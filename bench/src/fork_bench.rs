@@ -47,7 +47,8 @@ fn running_at(r: impl std::io::Read) -> Option<u64> {
 /// (`zygote-bench fork-bench`).
 pub fn run(snapshot: &Path, count: usize, dir: &Path) -> Result<ForkBench, String> {
     let vmm_bin = host::paths::vmm_binary().map_err(|e| e.to_string())?;
-    let prepared = prepare_restore(snapshot).map_err(|e| vmm::error_chain(&e))?;
+    let kvm = vmm::vstate::vm::open_kvm().map_err(|e| vmm::error_chain(&e))?;
+    let prepared = prepare_restore(snapshot, kvm).map_err(|e| vmm::error_chain(&e))?;
     let mut out = ForkBench::default();
     for i in 0..count {
         // (a) A fresh VMM process.

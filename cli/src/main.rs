@@ -24,6 +24,11 @@ mod remote;
 struct Cli {
     #[command(flatten)]
     target: remote::TargetArgs,
+    /// Run VMMs this command starts unconfined: no namespaces, no root of
+    /// their own, no uid change, no cgroup, no seccomp. For debugging only
+    /// (strace, gdb); never for tenants. `ZYGOTE_NO_JAIL=1` does the same.
+    #[arg(long, global = true)]
+    no_jail: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -225,6 +230,12 @@ pub(crate) enum SnapshotCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.no_jail {
+        host::confine::configure(host::confine::Settings {
+            jail: false,
+            ..Default::default()
+        });
+    }
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {

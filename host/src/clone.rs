@@ -304,6 +304,7 @@ pub fn kill(store: &Store, id: &str) -> Result<(), CloneError> {
     // Through a pidfd, and only if the pid is still the clone's VMM.
     vmm::kill_process(rec.pid, rec.pid_start);
     let dir = store.clone_dir(id);
+    crate::confine::release_dir(&dir);
     std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
     Ok(())
 }

@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod clone;
+pub mod confine;
 pub mod master;
 pub mod metrics;
 pub mod paths;

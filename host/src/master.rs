@@ -154,6 +154,9 @@ fn create_in(
     // Closed before the freeze: a clone must not inherit a connection.
     drop(agent);
     let frozen = vm.freeze(Duration::from_secs(60))?;
+    // The master's jailed VMM wrote the snapshot as its own uid: it becomes
+    // this user's again, readable by the clones' VMMs (inside their jails).
+    crate::confine::reclaim(&snap_dir).map_err(crate::vmm::VmError::from)?;
     progress(
         Phase::Frozen,
         &format!(

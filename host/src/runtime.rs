@@ -557,6 +557,8 @@ impl Runtime {
         // Masters being made by a daemon that was killed: their VMMs died
         // with it; their runtime directories did not.
         found.cleaned += vmm::remove_abandoned_runtime_dirs(&self.store.root().join("vms"));
+        // Cgroups and uids of VMs that ended while no daemon watched them.
+        found.cleaned += crate::confine::sweep();
         let mut t = lock(&self.tables);
         for m in self.store.masters().into_iter().flatten() {
             found.masters += 1;

@@ -21,9 +21,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -31,6 +30,7 @@ use proto::ctl::{CtlRequest, CtlResponse};
 use proto::events::{now_us, Event, ExitReason};
 use proto::launch::{BootSource, ConsoleTarget, SnapshotCheck, VmSource, VmmLaunch};
 
+use crate::confine::{self, Confined, VmFiles};
 use crate::paths;
 use crate::procfs;
 
@@ -64,14 +64,26 @@ pub enum VmError {
         source: std::io::Error,
     },
     /// The VMM process could not be started.
-    #[error("cannot start {path}: {source}")]
+    #[error("cannot start {path}")]
     Spawn {
         /// VMM binary.
         path: PathBuf,
-        /// OS error.
+        /// What failed.
+        #[source]
+        source: Box<jailer::JailError>,
+    },
+    /// The snapshot check could not be run.
+    #[error("cannot run {path} to check a snapshot")]
+    Check {
+        /// VMM binary.
+        path: PathBuf,
+        /// What failed.
         #[source]
         source: std::io::Error,
     },
+    /// The VMM's confinement could not be prepared.
+    #[error(transparent)]
+    Confine(Box<confine::ConfineError>),
     /// The VM ended before it was ready (or while in use).
     #[error("{}", exit_sentence(.reason, .message))]
     Exited {
@@ -95,6 +107,12 @@ pub enum VmError {
         /// The recorded pid.
         pid: u32,
     },
+}
+
+impl From<confine::ConfineError> for VmError {
+    fn from(e: confine::ConfineError) -> Self {
+        VmError::Confine(Box::new(e))
+    }
 }
 
 fn exit_sentence(reason: &ExitReason, message: &str) -> String {
@@ -271,10 +289,26 @@ pub struct VmExit {
     pub message: String,
 }
 
+/// The descriptors of a VM's network: its namespace (a jailed VMM joins
+/// it) and its tap (the VMM's virtio-net backend).
+#[derive(Debug)]
+pub struct NetFds {
+    /// The network namespace.
+    pub netns: OwnedFd,
+    /// The tap inside it.
+    pub tap: OwnedFd,
+}
+
 /// A running (or ended) `zygote-vmm` process.
 #[derive(Debug)]
 pub struct VmmProcess {
-    child: Option<Child>,
+    /// Whether this process spawned it (and so reaps it and knows how it
+    /// ended); false for an adopted VMM.
+    own_child: bool,
+    /// How the process ended, once reaped.
+    status: Option<jailer::Exit>,
+    /// Its jail, cgroup and uid, given back once it has ended.
+    confined: Option<Confined>,
     pidfd: Option<OwnedFd>,
     pid: u32,
     start_ticks: u64,
@@ -327,55 +361,91 @@ impl VmmProcess {
     }
 
     /// Starts `zygote-vmm` for `source`, with its files in `dir` (which must
-    /// exist and is the VMM's alone).
+    /// exist and is the VMM's alone), confined as this process's
+    /// [`confine::settings`] say.
     pub fn spawn(source: VmSource, dir: &Path, opts: &SpawnOptions) -> Result<Self, VmError> {
+        Self::spawn_with_net(source, dir, opts, None)
+    }
+
+    /// [`VmmProcess::spawn`] with a network: the VMM joins `net`'s namespace
+    /// and gets its tap as the virtio-net backend.
+    pub fn spawn_with_net(
+        source: VmSource,
+        dir: &Path,
+        opts: &SpawnOptions,
+        net: Option<NetFds>,
+    ) -> Result<Self, VmError> {
         let vmm = paths::vmm_binary()?;
+        let jailed = confine::settings().jail;
+        let (files, inside) = jail_view(&source)?;
+        let (netns, tap) = match net {
+            Some(n) => (Some(n.netns), Some(n.tap)),
+            None => (None, None),
+        };
+        let mut confined = confine::prepare(dir, &vmm, &files, netns)?;
+        // Where the VMM sees its own files: its root when jailed.
+        let own = |name: &str| {
+            if jailed {
+                confine::jail_path(name)
+            } else {
+                dir.join(name)
+            }
+        };
         let console_log = (!opts.console_to_stderr).then(|| dir.join(files::CONSOLE));
         let launch = VmmLaunch {
-            source,
-            vsock: Some(dir.join(files::VSOCK)),
-            control: opts.control.then(|| dir.join(files::CONTROL)),
+            source: if jailed { inside } else { source },
+            vsock: Some(own(files::VSOCK)),
+            control: opts.control.then(|| own(files::CONTROL)),
             console: match &console_log {
-                Some(p) => ConsoleTarget::File(p.clone()),
+                Some(_) => ConsoleTarget::File(own(files::CONSOLE)),
                 None => ConsoleTarget::Stderr,
             },
             detach: opts.detach,
-            kvm_fd: None,
-            tap_fd: None,
-            seccomp: true,
+            kvm_fd: Some(confine::KVM_FD),
+            tap_fd: tap.as_ref().map(|_| confine::TAP_FD),
+            seccomp: jailed,
         };
-        let mut cmd = Command::new(&vmm);
-        cmd.args(launch.to_args())
-            .stdin(Stdio::null())
-            .stdout(create(dir, files::EVENTS)?);
-        if opts.console_to_stderr {
-            cmd.stderr(Stdio::inherit());
-        } else {
-            cmd.stderr(create(dir, files::VMM_LOG)?);
-        }
-        if opts.detach {
-            // SAFETY: setsid is async-signal-safe and touches no memory of
-            // the parent; it only fails if we already lead a session.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::setsid();
-                    Ok(())
-                });
+        let mut sp = jailer::Spawn::new(&vmm).args(launch.to_args());
+        sp.arg0 = Some("zygote-vmm".into());
+        for (k, v) in std::env::vars_os() {
+            let key = k.to_string_lossy();
+            if key.starts_with("ZYGOTE_VMM_") || key == "RUST_BACKTRACE" {
+                sp.env.push((k, v));
             }
         }
+        sp.stdout = jailer::Stdio::Fd(create(dir, files::EVENTS)?.into());
+        sp.stderr = if opts.console_to_stderr {
+            jailer::Stdio::Inherit
+        } else {
+            jailer::Stdio::Fd(create(dir, files::VMM_LOG)?.into())
+        };
+        let kvm = confined
+            .kvm
+            .try_clone()
+            .map_err(confine::ConfineError::Kvm)?;
+        sp.fds.push((kvm, confine::KVM_FD));
+        if let Some(t) = tap {
+            sp.fds.push((t, confine::TAP_FD));
+        }
+        sp.detach = opts.detach;
+        sp.die_with_parent = !opts.detach;
+        sp.cgroup = confined.placement();
+        sp.jail = confined.jail.take();
         let spawn_us = now_us();
-        let child = cmd
-            .spawn()
-            .map_err(|source| VmError::Spawn { path: vmm, source })?;
-        let pid = child.id();
-        // The child is ours and not reaped yet, so its pid cannot name
-        // another process while we open the pidfd.
-        let pidfd = pidfd_open(pid);
+        let child = jailer::spawn(&sp).map_err(|source| VmError::Spawn {
+            path: vmm,
+            source: Box::new(source),
+        })?;
+        let pid = child.pid;
+        let start_ticks = procfs::start_ticks(pid).unwrap_or(0);
+        confined.set_owner(pid, start_ticks);
         Ok(VmmProcess {
-            child: Some(child),
-            pidfd,
+            own_child: true,
+            status: None,
+            confined: Some(confined),
+            pidfd: Some(child.pidfd),
             pid,
-            start_ticks: procfs::start_ticks(pid).unwrap_or(0),
+            start_ticks,
             dir: dir.to_path_buf(),
             console_log,
             remove_dir_on_drop: opts.remove_dir_on_drop,
@@ -404,7 +474,9 @@ impl VmmProcess {
             return Err(VmError::Gone { pid });
         }
         let mut p = VmmProcess {
-            child: None,
+            own_child: false,
+            status: None,
+            confined: None,
             pidfd: Some(pidfd),
             pid,
             start_ticks,
@@ -488,29 +560,30 @@ impl VmmProcess {
     }
 
     fn process_ended(&mut self) -> bool {
-        if let Some(child) = &mut self.child {
-            return !matches!(child.try_wait(), Ok(None));
-        }
-        match &self.pidfd {
+        let ended = match &self.pidfd {
             Some(fd) => pidfd_exited(fd),
             None => !procfs::is_same_live_process(self.pid, self.start_ticks),
+        };
+        if ended {
+            self.reap();
         }
+        ended
     }
 
     /// What to say about a VMM that ended without an exit event.
     fn death_message(&mut self) -> String {
-        let status = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten());
-        let how = match status {
-            Some(s) => {
-                use std::os::unix::process::ExitStatusExt;
-                match s.signal() {
-                    Some(sig) => format!("killed by signal {sig}"),
-                    None => format!("exited with code {}", s.code().unwrap_or(-1)),
-                }
+        self.reap();
+        if let Some(c) = &self.confined {
+            if c.oom_killed() {
+                let mib = c.memory_limit().unwrap_or(0) >> 20;
+                return format!(
+                    "the VM used more memory than its limit ({mib} MiB: guest RAM + the VMM's allowance) and was killed"
+                );
             }
+        }
+        let how = match self.status {
+            Some(jailer::Exit::Signal { signal, .. }) => format!("killed by signal {signal}"),
+            Some(jailer::Exit::Code(c)) => format!("exited with code {c}"),
             None => "ended".to_string(),
         };
         let log = std::fs::read_to_string(self.dir.join(files::VMM_LOG)).unwrap_or_default();
@@ -633,9 +706,25 @@ impl VmmProcess {
         self.poll().is_some()
     }
 
+    /// Collects the ended VMM's status (a child of this process only) and
+    /// gives back its cgroup and uid.
     fn reap(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.wait();
+        if self.own_child && self.status.is_none() && !self.released {
+            if let Some(fd) = &self.pidfd {
+                if let Ok(Some(exit)) = jailer::wait(fd, !pidfd_exited(fd)) {
+                    self.status = Some(exit);
+                }
+            }
+        }
+        if self.status.is_some() {
+            if let Some(c) = &mut self.confined {
+                c.release();
+            }
+        } else if !self.own_child && !self.released && self.pidfd.as_ref().is_some_and(pidfd_exited)
+        {
+            // An adopted VMM that has ended: what it held is found by its
+            // runtime directory.
+            confine::release_dir(&self.dir);
         }
     }
 
@@ -650,15 +739,8 @@ impl VmmProcess {
     /// Kills the VMM now (SIGKILL through its pidfd) and waits until it is
     /// gone (up to 5 s).
     pub fn kill(&mut self) {
-        match &self.pidfd {
-            Some(fd) => {
-                kill_and_wait(fd, Instant::now() + Duration::from_secs(5));
-            }
-            None => {
-                if let Some(child) = &mut self.child {
-                    let _ = child.kill();
-                }
-            }
+        if let Some(fd) = &self.pidfd {
+            kill_and_wait(fd, Instant::now() + Duration::from_secs(5));
         }
         self.reap();
         if self.exit.is_none() {
@@ -675,8 +757,10 @@ impl VmmProcess {
     /// Gives up the handle: the VMM keeps running and its directory stays.
     pub fn release(&mut self) {
         self.released = true;
-        // Dropping a `Child` neither kills nor waits.
-        self.child.take();
+        // Whoever takes over (or `confine::sweep`) gives its resources back.
+        if let Some(c) = &mut self.confined {
+            c.keep();
+        }
     }
 }
 
@@ -692,6 +776,58 @@ impl Drop for VmmProcess {
             let _ = std::fs::remove_dir(parent);
         }
     }
+}
+
+/// What a VMM reads and writes, and the same source as the VMM sees it
+/// inside its jail.
+fn jail_view(source: &VmSource) -> Result<(VmFiles, VmSource), VmError> {
+    const SNAPSHOT: &str = "/snapshot";
+    Ok(match source {
+        VmSource::Boot(b) => {
+            let mut read = vec![(b.kernel.clone(), PathBuf::from("/kernel"))];
+            if let Some(i) = &b.initrd {
+                read.push((i.clone(), PathBuf::from("/initrd")));
+            }
+            let inside = BootSource {
+                kernel: "/kernel".into(),
+                initrd: b.initrd.as_ref().map(|_| "/initrd".into()),
+                snapshot_dir: b.snapshot_dir.as_ref().map(|_| SNAPSHOT.into()),
+                ..b.clone()
+            };
+            let files = VmFiles {
+                read,
+                write: b
+                    .snapshot_dir
+                    .as_ref()
+                    .map(|d| (d.clone(), PathBuf::from(SNAPSHOT))),
+                memory_mib: b.memory_mib,
+            };
+            (files, VmSource::Boot(inside))
+        }
+        VmSource::Restore { snapshot } | VmSource::CheckSnapshot { snapshot } => {
+            let memory = snapshot.join("memory");
+            let bytes = std::fs::metadata(&memory)
+                .map(|m| m.len())
+                .map_err(|source| VmError::RuntimeDir {
+                    path: memory,
+                    source,
+                })?;
+            let files = VmFiles {
+                read: vec![(snapshot.clone(), PathBuf::from(SNAPSHOT))],
+                write: None,
+                memory_mib: bytes.div_ceil(1 << 20),
+            };
+            let inside = match source {
+                VmSource::Restore { .. } => VmSource::Restore {
+                    snapshot: SNAPSHOT.into(),
+                },
+                _ => VmSource::CheckSnapshot {
+                    snapshot: SNAPSHOT.into(),
+                },
+            };
+            (files, inside)
+        }
+    })
 }
 
 /// Removes the `vm-PID-N` runtime directories under `root` whose creating
@@ -730,15 +866,15 @@ pub fn check_snapshot(dir: &Path) -> Result<SnapshotCheck, VmError> {
     });
     let out = Command::new(&vmm)
         .args(launch.to_args())
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .output()
-        .map_err(|source| VmError::Spawn {
+        .map_err(|source| VmError::Check {
             path: vmm.clone(),
             source,
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).map_err(|e| VmError::Spawn {
+    serde_json::from_str(text.trim()).map_err(|e| VmError::Check {
         path: vmm,
         source: std::io::Error::other(format!(
             "unexpected answer to --check-snapshot ({e}): {text}"

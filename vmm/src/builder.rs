@@ -247,21 +247,16 @@ pub fn validate(cfg: &BootSource) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Total RAM of the host in MiB (from /proc/meminfo).
+/// Total RAM of the host in MiB (`sysinfo`: a jailed VMM has no `/proc`).
 pub fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|k| k.parse::<u64>().ok())
-                })
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(u64::MAX)
+    // SAFETY: sysinfo is plain data; all zeroes is a valid value.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: sysinfo() writes one `struct sysinfo` to the pointer, which
+    // points to one we own.
+    if unsafe { libc::sysinfo(&mut si) } != 0 {
+        return u64::MAX;
+    }
+    (si.totalram as u64).saturating_mul(u64::from(si.mem_unit.max(1))) >> 20
 }
 
 struct DeviceBus {
@@ -522,7 +517,7 @@ pub fn run_vm(
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
     validate(cfg)?;
-    let kvm = vm::open_kvm()?;
+    let kvm = vm::kvm(launch.kvm_fd)?;
     let size = cfg.memory_mib << 20;
     let memfd = boot_memory(cfg)?;
     let mem = memory::map_guest_memory(&memfd, size, libc::MAP_SHARED)?;
@@ -590,7 +585,8 @@ pub fn restore_vm(
     snapshot: &std::path::Path,
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
-    let prepared = prepare_restore(snapshot)?;
+    let kvm = vm::kvm(launch.kvm_fd)?;
+    let prepared = prepare_restore(snapshot, kvm)?;
     run_restored(&prepared, launch, events)
 }
 
@@ -599,19 +595,23 @@ pub fn restore_vm(
 /// can `fork()` clones that only build their VM: see the bench crate's
 /// `fork_bench`.
 pub struct PreparedRestore {
+    kvm: kvm_ioctls::Kvm,
     state: VmSnapshot,
     mem: GuestMemoryMmap,
 }
 
-/// Reads and checks the snapshot at `dir` and maps its memory
-/// copy-on-write.
-pub fn prepare_restore(dir: &std::path::Path) -> Result<PreparedRestore, BuildError> {
-    let (snap, state) = snapshot::open(dir).map_err(RestoreError::Check)?;
+/// Reads and checks the snapshot at `dir` against the host `kvm` belongs
+/// to and maps its memory copy-on-write.
+pub fn prepare_restore(
+    dir: &std::path::Path,
+    kvm: kvm_ioctls::Kvm,
+) -> Result<PreparedRestore, BuildError> {
+    let (snap, state) = snapshot::open(dir, &kvm).map_err(RestoreError::Check)?;
     // Read-only: the master's RAM is never written through this file.
     let path = snap.memory_path();
     let file = File::open(&path).map_err(|source| RestoreError::MemoryFile { path, source })?;
     let mem = memory::map_guest_memory(&file, snap.manifest.memory.size, libc::MAP_PRIVATE)?;
-    Ok(PreparedRestore { state, mem })
+    Ok(PreparedRestore { kvm, state, mem })
 }
 
 /// Creates the KVM VM for a prepared snapshot, restores VM, vCPU and device
@@ -632,10 +632,9 @@ fn restore_machine(
     launch: &VmmLaunch,
     events: &Arc<EventSink>,
 ) -> Result<Machine, BuildError> {
-    let PreparedRestore { state, mem } = prepared;
+    let PreparedRestore { kvm, state, mem } = prepared;
     let mem = mem.clone();
-    let kvm = vm::open_kvm()?;
-    let vmfd = vm::create_vm(&kvm, &mem)?;
+    let vmfd = vm::create_vm(kvm, &mem)?;
     state.vm.restore(&vmfd).map_err(RestoreError::Vm)?;
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());

@@ -28,6 +28,14 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if launch.seccomp {
+        // A confined VMM is not dumpable: no core file of guest memory, no
+        // ptrace or /proc/PID/mem by its (unprivileged) uid. The jail cannot
+        // set this for us: execve resets it. `--no-seccomp` (debugging)
+        // keeps it dumpable for gdb.
+        // SAFETY: prctl with PR_SET_DUMPABLE and 0 has no memory effects.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
+    }
     if !launch.detach {
         // If whoever started us dies, so do we: no VM outlives its owner.
         // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal has no memory effects.

@@ -66,7 +66,7 @@ pub struct VmSnapshot {
 /// Opens the snapshot in `dir` and checks that this VMM can restore it on
 /// this host: what `zygote-vmm --check-snapshot` answers ([`open`]).
 pub fn check(dir: &std::path::Path) -> Result<VmSnapshot, CheckError> {
-    open(dir).map(|(_, state)| state)
+    open(dir, &vm::open_kvm()?).map(|(_, state)| state)
 }
 
 /// Opens the snapshot in `dir` ([`snapshotter::open`]: files, sizes,
@@ -77,10 +77,13 @@ pub fn check(dir: &std::path::Path) -> Result<VmSnapshot, CheckError> {
 /// Reading this host's fingerprint costs one `KVM_GET_SUPPORTED_CPUID`:
 /// tens of µs on bare metal, most of a millisecond on a nested host, where
 /// every CPUID it runs traps.
-pub fn open(dir: &std::path::Path) -> Result<(snapshotter::Snapshot, VmSnapshot), CheckError> {
+pub fn open(
+    dir: &std::path::Path,
+    kvm: &kvm_ioctls::Kvm,
+) -> Result<(snapshotter::Snapshot, VmSnapshot), CheckError> {
     let snap = snapshotter::open(dir)?;
     let state = VmSnapshot::read(&snap)?;
-    state.check_host(&HostFingerprint::of_host(&vm::open_kvm()?)?)?;
+    state.check_host(&HostFingerprint::of_host(kvm)?)?;
     Ok((snap, state))
 }
 
