@@ -16,7 +16,7 @@
 //! ```
 //!
 //! Each jailed VM gets a uid (= gid) of its own from a range, leased with a
-//! file per uid under the runtime root (`jail/uids/N`, made with
+//! file per uid (`/run/zygote-jail/uids/N`, one place per machine, made with
 //! `O_EXCL`, so processes racing for one never both get it); a lease whose
 //! VMM is gone is taken back by [`sweep`], as are cgroups without a live
 //! process (what a `kill -9` of the caller leaves).
@@ -73,11 +73,25 @@ impl Default for Settings {
             jail: std::env::var_os("ZYGOTE_NO_JAIL").is_none_or(|v| v.is_empty() || v == "0"),
             uid_base: 900_000,
             uid_count: 65_536,
-            cgroup_parent: "zygote".into(),
+            cgroup_parent: default_cgroup_parent(),
             vmm_allowance_mib: 64,
             pids_max: 64,
         }
     }
+}
+
+/// `zygote` for the default state directory; `zygote-HASH` for another
+/// (several daemons on one machine, tests): each sweeps only its own.
+fn default_cgroup_parent() -> String {
+    let root = paths::runtime_root();
+    if std::env::var_os("ZYGOTE_RUNTIME_DIR").is_none() {
+        return "zygote".into();
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in root.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    format!("zygote-{h:08x}")
 }
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
@@ -367,8 +381,11 @@ pub fn reclaim(dir: &Path) -> Result<(), ConfineError> {
     make_readable(dir)
 }
 
+/// Where uid leases live: one place per machine, whatever the state
+/// directory, so that two daemons (or a daemon and the CLI) never hand out
+/// the same uid.
 fn uid_dir() -> PathBuf {
-    paths::runtime_root().join("jail").join("uids")
+    PathBuf::from("/run/zygote-jail/uids")
 }
 
 /// Leases a free uid of the range for VM `name`: the first free one from a
