@@ -1,6 +1,12 @@
-//! The KVM VM: memory slots, in-kernel irqchip and PIT.
+//! The KVM VM: `/dev/kvm` (opened, or inherited from the spawner with
+//! `--kvm-fd`), memory slots, in-kernel irqchip and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -15,6 +21,27 @@ pub enum VmError {
     /// /dev/kvm is not accessible.
     #[error("no permission to open /dev/kvm (run as root or join the group that owns /dev/kvm)")]
     KvmPermission,
+    /// `--kvm-fd` named stdin, stdout or stderr.
+    #[error("descriptor {0} is one of stdin, stdout and stderr, not /dev/kvm: pass /dev/kvm at 3 or above")]
+    KvmFdReserved(RawFd),
+    /// `--kvm-fd` named a descriptor that is not open.
+    #[error("no descriptor {fd} is open in the VMM: the spawner must keep /dev/kvm open across exec (no FD_CLOEXEC)")]
+    KvmFdNotOpen {
+        /// The descriptor.
+        fd: RawFd,
+        /// What fstat said.
+        #[source]
+        source: io::Error,
+    },
+    /// `--kvm-fd` named something else than /dev/kvm.
+    #[error("descriptor {fd} is not /dev/kvm (a character device 10:232): pass an open /dev/kvm with --kvm-fd")]
+    NotKvm {
+        /// The descriptor.
+        fd: RawFd,
+    },
+    /// /dev/kvm speaks another API version.
+    #[error("/dev/kvm speaks KVM API version {0}, this VMM speaks {KVM_API_VERSION}")]
+    ApiVersion(i32),
     /// A KVM capability the VMM needs is missing.
     #[error("this host's KVM lacks a capability zygote needs: {0}")]
     MissingCap(&'static str),
@@ -43,6 +70,60 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
             source: e,
         },
     })
+}
+
+/// The misc device minor of /dev/kvm (`KVM_MINOR`).
+const KVM_MINOR: u32 = 232;
+/// The major number of misc devices.
+const MISC_MAJOR: u32 = 10;
+
+/// `/dev/kvm`: the descriptor the spawner passed (`--kvm-fd`, a confined
+/// VMM cannot open it), else opened here.
+pub fn kvm(inherited: Option<RawFd>) -> Result<Kvm, VmError> {
+    match inherited {
+        None => open_kvm(),
+        Some(fd) => kvm_from_inherited_fd(fd),
+    }
+}
+
+/// Takes over the `/dev/kvm` the spawner passed at descriptor `fd`: checks
+/// that it is open and is /dev/kvm, marks it close-on-exec. Call it before
+/// this process opens files of its own, so that an open descriptor at that
+/// number can only be the inherited one.
+pub fn kvm_from_inherited_fd(fd: RawFd) -> Result<Kvm, VmError> {
+    if (0..=2).contains(&fd) {
+        return Err(VmError::KvmFdReserved(fd));
+    }
+    // SAFETY: `stat` is plain old data; all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `struct stat` to the pointer, which points to
+    // one we own; on a descriptor that is not open it fails without writing.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(VmError::KvmFdNotOpen {
+            fd,
+            source: io::Error::last_os_error(),
+        });
+    }
+    let is_kvm = st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && libc::major(st.st_rdev) == MISC_MAJOR
+        && libc::minor(st.st_rdev) == KVM_MINOR;
+    if !is_kvm {
+        return Err(VmError::NotKvm { fd });
+    }
+    // SAFETY: F_SETFD with an integer argument only changes the
+    // descriptor's flags. A failure leaves it inheritable, which is all.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the descriptor is open and is /dev/kvm (checked above), and
+    // nothing else in this process owns it: the spawner passed it at this
+    // number to be the VMM's /dev/kvm (`--kvm-fd`), and it is taken over
+    // before the VMM opens files of its own (see above). From here the
+    // `Kvm` closes it.
+    let kvm = unsafe { Kvm::from_raw_fd(fd) };
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION as i32 {
+        return Err(VmError::ApiVersion(version));
+    }
+    Ok(kvm)
 }
 
 /// Creates a VM with `mem` as its RAM, an in-kernel irqchip and a PIT.
