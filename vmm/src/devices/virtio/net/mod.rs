@@ -933,4 +933,6 @@ impl VirtioDevice for Net {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
