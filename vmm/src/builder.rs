@@ -547,11 +547,17 @@ pub fn run_vm(
     }
     let t = MmioTransport::new(Box::new(Rng::new()), mem.clone()).map_err(device_err("rng"))?;
     attach_virtio(&vmfd, &mut devices, t)?;
-    if let Some(tap) = tap {
-        // Last, so that a VM without a tap keeps the layout it always had.
-        let net = Net::new(cfg.mac.unwrap_or(DEFAULT_MAC), Some(tap))?;
-        let t = MmioTransport::new(Box::new(net), mem.clone()).map_err(device_err("net"))?;
-        attach_virtio(&vmfd, &mut devices, t)?;
+    match (tap, cfg.mac) {
+        (Some(tap), mac) => {
+            // Last, so that a VM without a tap keeps the layout it always had.
+            let net = Net::new(mac.unwrap_or(DEFAULT_MAC), Some(tap))?;
+            let t = MmioTransport::new(Box::new(net), mem.clone()).map_err(device_err("net"))?;
+            attach_virtio(&vmfd, &mut devices, t)?;
+        }
+        (None, Some(mac)) => {
+            eprintln!("zygote-vmm: --mac {mac} without --tap-fd: the VM has no net device");
+        }
+        (None, None) => {}
     }
     let declared: Vec<(u64, u32)> = devices.iter().map(|d| (d.base, d.gsi)).collect();
 
