@@ -31,8 +31,10 @@ use crate::devices::legacy::persist::{SerialConstructorArgs, SerialRestoreError,
 use crate::devices::legacy::{
     EventFdTrigger, FnTrigger, SerialDevice, I8042, I8042_PORT_BASE, SERIAL_PORT_BASE,
 };
-use crate::devices::virtio::persist::{DeviceRestoreError, MmioConstructorArgs};
-use crate::devices::virtio::{self, MmioTransport, Rng, Vsock};
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::net::{NetError, DEFAULT_MAC};
+use crate::devices::virtio::persist::{DeviceModelState, DeviceRestoreError, MmioConstructorArgs};
+use crate::devices::virtio::{self, MmioTransport, Net, Rng, Vsock};
 use crate::error_chain;
 use crate::layout::*;
 use crate::memory;
@@ -83,6 +85,12 @@ pub enum BuildError {
         #[source]
         source: virtio::Error,
     },
+    /// The tap given with `--tap-fd` cannot be the net device's backend.
+    #[error("cannot use the tap given with --tap-fd")]
+    Tap(#[from] TapError),
+    /// The net device could not be created.
+    #[error("cannot set up the net device")]
+    Net(#[from] NetError),
     /// More virtio devices than interrupt lines.
     #[error("the VM would have more virtio devices than this VMM has interrupt lines for ({MAX_VIRTIO_DEVICES})")]
     TooManyDevices,
@@ -517,7 +525,9 @@ pub fn run_vm(
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
     validate(cfg)?;
+    // Inherited descriptors first, before this process opens any of its own.
     let kvm = vm::kvm(launch.kvm_fd)?;
+    let tap = launch.tap_fd.map(Tap::from_inherited_fd).transpose()?;
     let size = cfg.memory_mib << 20;
     let memfd = boot_memory(cfg)?;
     let mem = memory::map_guest_memory(&memfd, size, libc::MAP_SHARED)?;
@@ -532,6 +542,18 @@ pub fn run_vm(
     }
     let t = MmioTransport::new(Box::new(Rng::new()), mem.clone()).map_err(device_err("rng"))?;
     attach_virtio(&vmfd, &mut devices, t)?;
+    match (tap, cfg.mac) {
+        (Some(tap), mac) => {
+            // Last, so that a VM without a tap keeps the layout it always had.
+            let net = Net::new(mac.unwrap_or(DEFAULT_MAC), Some(tap))?;
+            let t = MmioTransport::new(Box::new(net), mem.clone()).map_err(device_err("net"))?;
+            attach_virtio(&vmfd, &mut devices, t)?;
+        }
+        (None, Some(mac)) => {
+            eprintln!("zygote-vmm: --mac {mac} without --tap-fd: the VM has no net device");
+        }
+        (None, None) => {}
+    }
     let declared: Vec<(u64, u32)> = devices.iter().map(|d| (d.base, d.gsi)).collect();
 
     let cmdline = kernel_cmdline(&cfg.cmdline, &declared);
@@ -634,6 +656,9 @@ fn restore_machine(
 ) -> Result<Machine, BuildError> {
     let PreparedRestore { kvm, state, mem } = prepared;
     let mem = mem.clone();
+    // The inherited tap is open since exec, so no file this process opened
+    // can have taken its number; `from_inherited_fd` checks it is a tap.
+    let mut tap = launch.tap_fd.map(Tap::from_inherited_fd).transpose()?;
     let vmfd = vm::create_vm(kvm, &mem)?;
     state.vm.restore(&vmfd).map_err(RestoreError::Vm)?;
 
@@ -648,13 +673,26 @@ fn restore_machine(
 
     let mut devices = Vec::new();
     for (index, d) in state.devices.iter().enumerate() {
+        // The tap goes to the first net device; any other is restored
+        // disconnected.
+        let net_tap = match d.device.model {
+            DeviceModelState::Net(_) => tap.take(),
+            _ => None,
+        };
         let args = MmioConstructorArgs {
             mem: mem.clone(),
             vsock_uds: launch.vsock.clone(),
+            net_tap,
         };
         let t = MmioTransport::restore(args, &d.device)
             .map_err(|source| RestoreError::Device { index, source })?;
         attach_virtio(&vmfd, &mut devices, t)?;
+    }
+    if let Some(tap) = tap {
+        eprintln!(
+            "zygote-vmm: the snapshot has no net device (its master was booted without a tap): tap {} is not used",
+            tap.name()
+        );
     }
     let control = Arc::new(RunControl::default());
     let (bus, console_state) = device_bus(

@@ -162,3 +162,38 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
     Ok(vm)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+
+    use super::*;
+
+    #[test]
+    fn an_inherited_kvm_fd_must_be_open_and_be_dev_kvm() {
+        assert!(matches!(
+            kvm_from_inherited_fd(2),
+            Err(VmError::KvmFdReserved(2))
+        ));
+        let e = kvm_from_inherited_fd(1_000_000).unwrap_err();
+        assert!(
+            matches!(e, VmError::KvmFdNotOpen { fd: 1_000_000, .. }),
+            "{e}"
+        );
+        // /dev/null is a character device, but not 10:232. It stays ours.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let e = kvm_from_inherited_fd(null.as_raw_fd()).unwrap_err();
+        assert!(matches!(e, VmError::NotKvm { .. }), "{e}");
+        assert!(e.to_string().contains("--kvm-fd"), "{e}");
+        drop(null);
+
+        let kvm = std::fs::File::open("/dev/kvm").expect("/dev/kvm (tests need KVM)");
+        let fd = kvm.into_raw_fd();
+        let kvm = kvm_from_inherited_fd(fd).unwrap();
+        assert_eq!(kvm.get_api_version(), KVM_API_VERSION as i32);
+        // SAFETY: F_GETFD only reads the flags of a descriptor `kvm` owns.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        assert!(kvm.check_extension(Cap::Irqchip), "a usable /dev/kvm");
+    }
+}

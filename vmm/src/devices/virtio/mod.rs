@@ -8,8 +8,8 @@
 //! * [`mmio::MmioTransport`] implements the virtio-mmio (version 2) register interface on top of
 //!   a boxed [`VirtioDevice`] and is the single `event_manager` subscriber for that device (queue
 //!   ioeventfds + the device's own fds).
-//! * [`rng::Rng`] (virtio-rng) and [`vsock::Vsock`] (virtio-vsock with a Unix-socket host side)
-//!   are the device models.
+//! * [`rng::Rng`] (virtio-rng), [`vsock::Vsock`] (virtio-vsock with a Unix-socket host side)
+//!   and [`net::Net`] (virtio-net with a tap backend) are the device models.
 //! * [`persist`] saves and restores a transport, its queues and (through each model's own
 //!   `persist.rs`) the model inside it.
 //!
@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod rng;
 pub mod vsock;
@@ -40,6 +41,7 @@ pub(crate) mod test_utils;
 
 pub use chain::DescriptorError;
 pub use mmio::MmioTransport;
+pub use net::{Net, TYPE_NET};
 pub use rng::Rng;
 pub use vsock::Vsock;
 

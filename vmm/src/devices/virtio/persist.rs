@@ -5,7 +5,7 @@
 //! It owns the transport's saved state ([`MmioState`]), the queue's, and
 //! the one place that maps a saved model to its device type
 //! ([`MmioTransport`]'s `restore`). A model's own state belongs to the
-//! model (`vsock/persist.rs`, `rng/persist.rs`). It must not trust the
+//! model (`vsock/persist.rs`, `rng/persist.rs`, `net/persist.rs`). It must not trust the
 //! state: a device type, queue count, queue size, ring address or feature
 //! set that does not fit the device is an error, and rings must lie inside
 //! guest memory before a device is activated on them.
@@ -17,10 +17,13 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::mmio::{MmioRegisters, MmioTransport};
+use super::net::persist::{NetConstructorArgs, NetRestoreError, NetState};
+use super::net::tap::Tap;
 use super::rng::persist::{RngConstructorArgs, RngRestoreError, RngState};
 use super::vsock::persist::{VsockConstructorArgs, VsockRestoreError, VsockState};
 use super::{
-    Error, Rng, VirtioDevice, Vsock, STATUS_DRIVER_OK, STATUS_FEATURES_OK, TYPE_RNG, TYPE_VSOCK,
+    Error, Net, Rng, VirtioDevice, Vsock, STATUS_DRIVER_OK, STATUS_FEATURES_OK, TYPE_NET, TYPE_RNG,
+    TYPE_VSOCK,
 };
 use crate::persist::{check_version, Persist, VersionError};
 
@@ -288,6 +291,13 @@ impl MmioTransport {
             }
             t.device.ack_features(t.regs.driver_features);
         }
+        // The saved interrupt state first: what `restored` raises (a
+        // transport reset, a link change) comes on top of it.
+        t.interrupt.restore(
+            state.interrupt_status,
+            state.config_generation,
+            state.needs_reset,
+        );
         if let Some(active) = active {
             if let Some(i) = active
                 .iter()
@@ -300,11 +310,6 @@ impl MmioTransport {
                 .map_err(E::Activate)?;
             t.device.restored();
         }
-        t.interrupt.restore(
-            state.interrupt_status,
-            state.config_generation,
-            state.needs_reset,
-        );
         Ok(t)
     }
 }
@@ -317,6 +322,8 @@ pub enum DeviceModelState {
     Vsock(VsockState),
     /// virtio-rng.
     Rng(RngState),
+    /// virtio-net.
+    Net(NetState),
 }
 
 impl DeviceModelState {
@@ -325,6 +332,7 @@ impl DeviceModelState {
         match self {
             DeviceModelState::Vsock(_) => "vsock",
             DeviceModelState::Rng(_) => "rng",
+            DeviceModelState::Net(_) => "net",
         }
     }
 
@@ -333,6 +341,7 @@ impl DeviceModelState {
         match self {
             DeviceModelState::Vsock(_) => TYPE_VSOCK,
             DeviceModelState::Rng(_) => TYPE_RNG,
+            DeviceModelState::Net(_) => TYPE_NET,
         }
     }
 }
@@ -349,12 +358,15 @@ pub struct VirtioDeviceState {
 
 /// What a restored virtio device needs besides its state: the clone's
 /// guest memory and host resources.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct MmioConstructorArgs {
     /// The clone's guest memory.
     pub mem: GuestMemoryMmap,
     /// The clone's vsock Unix socket (each clone has its own), if any.
     pub vsock_uds: Option<PathBuf>,
+    /// The clone's tap, for a net device (none: the device is restored
+    /// disconnected).
+    pub net_tap: Option<Tap>,
 }
 
 /// Why a virtio device cannot be restored.
@@ -369,6 +381,9 @@ pub enum DeviceRestoreError {
     /// The rng model.
     #[error("cannot restore the rng device")]
     Rng(#[from] RngRestoreError),
+    /// The net model.
+    #[error("cannot restore the net device")]
+    Net(#[from] NetRestoreError),
     /// The transport around the model.
     #[error("cannot restore the {device} device's virtio-mmio transport")]
     Transport {
@@ -399,6 +414,9 @@ impl Persist for MmioTransport {
                 Box::new(Vsock::restore(VsockConstructorArgs { uds_path }, s)?)
             }
             DeviceModelState::Rng(s) => Box::new(Rng::restore(RngConstructorArgs, s)?),
+            DeviceModelState::Net(s) => {
+                Box::new(Net::restore(NetConstructorArgs { tap: args.net_tap }, s)?)
+            }
         };
         Self::restore_transport(device, args.mem, &state.transport).map_err(|source| {
             DeviceRestoreError::Transport {
@@ -593,17 +611,18 @@ mod tests {
         let json = serde_json::to_string(&saved).unwrap();
         assert!(json.contains(r#""kind":"rng""#), "{json}");
         let back: VirtioDeviceState = serde_json::from_str(&json).unwrap();
-        let args = MmioConstructorArgs {
+        let args = || MmioConstructorArgs {
             mem: m.clone(),
             vsock_uds: None,
+            net_tap: None,
         };
-        let restored = MmioTransport::restore(args.clone(), &back).unwrap();
+        let restored = MmioTransport::restore(args(), &back).unwrap();
         assert_eq!(restored.save(), saved);
 
         // An rng model in a vsock transport: the transport refuses it.
         let mut bad = saved.clone();
         bad.transport.device_type = TYPE_VSOCK;
-        let e = MmioTransport::restore(args.clone(), &bad).unwrap_err();
+        let e = MmioTransport::restore(args(), &bad).unwrap_err();
         assert!(
             matches!(
                 &e,
@@ -627,7 +646,7 @@ mod tests {
             },
         };
         assert!(matches!(
-            MmioTransport::restore(args, &vsock),
+            MmioTransport::restore(args(), &vsock),
             Err(DeviceRestoreError::NoVsockSocket)
         ));
     }

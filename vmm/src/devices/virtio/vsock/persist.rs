@@ -163,6 +163,7 @@ mod tests {
         let args = MmioConstructorArgs {
             mem: m,
             vsock_uds: Some(sock_path("f")),
+            net_tap: None,
         };
         let restored = MmioTransport::restore(args, &back).unwrap();
         assert!(restored.is_activated());
