@@ -32,6 +32,7 @@ use crate::devices::legacy::{
     EventFdTrigger, FnTrigger, SerialDevice, I8042, I8042_PORT_BASE, SERIAL_PORT_BASE,
 };
 use crate::devices::virtio::persist::{DeviceRestoreError, MmioConstructorArgs};
+use crate::devices::virtio::report::RejectReporter;
 use crate::devices::virtio::{self, MmioTransport, Rng, Vsock};
 use crate::error_chain;
 use crate::layout::*;
@@ -107,6 +108,10 @@ pub enum BuildError {
     /// The device event loop could not be set up, or failed.
     #[error("the device event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    /// The timer that paces the devices' rejection reports could not be
+    /// created.
+    #[error("cannot create the timer of the devices' rejection reports")]
+    ReportTimer(#[source] io::Error),
     /// The control socket could not be bound.
     #[error("cannot listen on the control socket {path}")]
     Control {
@@ -762,6 +767,11 @@ fn run_machine(
     for d in &m.devices {
         manager.add_subscriber(d.transport.clone());
     }
+    let transports = m.devices.iter().map(|d| d.transport.clone()).collect();
+    let reporter = Arc::new(Mutex::new(
+        RejectReporter::new(transports, events.clone()).map_err(BuildError::ReportTimer)?,
+    ));
+    manager.add_subscriber(reporter.clone());
     let fired = Arc::new(AtomicBool::new(false));
     let watcher_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -817,6 +827,7 @@ fn run_machine(
                 return Err(BuildError::EventLoop(e));
             }
         }
+        lock(&reporter).check();
         let request = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(p) = request {
             match (&p.request, &m.freeze) {
@@ -836,6 +847,7 @@ fn run_machine(
             }
         }
     }
+    lock(&reporter).finish();
     if frozen {
         drop(threads);
         return Ok(VmEnd {
