@@ -39,6 +39,8 @@ pub mod rng;
 pub mod vsock;
 
 #[cfg(test)]
+pub(crate) mod ring_fuzz;
+#[cfg(test)]
 pub(crate) mod test_utils;
 
 pub use chain::DescriptorError;

@@ -222,6 +222,9 @@ impl VirtioDevice for Rng {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{desc, mem, DriverQueue, DESC_NEXT, DESC_WRITE};

@@ -183,6 +183,12 @@ impl Connection {
         }
     }
 
+    /// Guest bytes held for the Unix stream (for tests of the bounds).
+    #[cfg(test)]
+    pub fn buffered(&self) -> usize {
+        self.tx_buf.len()
+    }
+
     /// Nothing left to do: the muxer drops the connection (closing the Unix stream).
     pub fn is_finished(&self) -> bool {
         self.state == State::Closing && self.pending == 0 && self.tx_buf.is_empty()

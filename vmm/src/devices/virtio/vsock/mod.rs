@@ -212,7 +212,7 @@ impl Vsock {
                         )
                     });
                 if let Err(e) = res {
-                    warn_limited!("vsock: dropping malformed TX packet: {e}");
+                    warn_limited!("vsock: dropping TX packet: {}", crate::error_chain(&e));
                     Rejection::Tx(e).count(rejected);
                 }
                 if let Err(source) = chain::try_add_used(txq, mem, head, 0, irq) {
@@ -606,5 +606,7 @@ enum TxError {
 /// The only vsock event: the transport was reset (e.g. after a restore).
 pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

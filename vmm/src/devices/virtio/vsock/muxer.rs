@@ -392,6 +392,20 @@ impl Muxer {
         None
     }
 
+    /// What the host side holds (for tests of the bounds): connections,
+    /// queued packet sources, connection-less packets, and the most guest
+    /// bytes one connection holds for its Unix stream.
+    #[cfg(test)]
+    pub fn footprint(&self) -> (usize, usize, usize, usize) {
+        let buffered = self.conns.values().map(Connection::buffered).max();
+        (
+            self.conns.len(),
+            self.rxq.len(),
+            self.raw_count,
+            buffered.unwrap_or(0),
+        )
+    }
+
     /// Drops every connection (device reset): Unix peers see EOF.
     pub fn reset(&mut self) {
         for (_, mut conn) in self.conns.drain() {
