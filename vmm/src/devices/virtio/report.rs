@@ -8,9 +8,12 @@
 //! (a growth inside the interval is reported when it ends, through a
 //! timerfd on the event loop), and a last one at exit ([`RejectReporter::finish`])
 //! for a count that changed since, so that a hostile guest cannot flood the
-//! stream and no refusal goes unreported. It must not count anything itself
-//! (the devices do), nor hold a transport's lock longer than one read of
-//! its count.
+//! stream and no refusal goes unreported. A refusal made on a vCPU thread
+//! (a write to a read-only configuration space) does not wake the loop: it
+//! is reported at the loop's next turn, or at exit. The reporter keeps no
+//! timer running while nothing is due, so an idle VM costs no wakeups. It
+//! must not count anything itself (the devices do), nor hold a transport's
+//! lock longer than one read of its count.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
