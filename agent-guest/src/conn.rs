@@ -580,3 +580,6 @@ impl<S: Read + Write + AsRawFd + Send + 'static> Pool<S> {
         self.lock().idle
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -159,6 +159,7 @@ impl Timeline {
             Event::VcpuRunning { t_us } => self.vcpu_running_us = Some(t_us),
             Event::AgentStart { t_us } => self.agent_start_us = Some(t_us),
             Event::AgentReady { t_us } => self.agent_ready_us = Some(t_us),
+            Event::DeviceRejected { .. } => {}
             Event::Exit { .. } => {}
         }
     }

@@ -494,6 +494,9 @@ pub enum ErrorCode {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -61,6 +61,20 @@ pub enum Event {
         /// Time.
         t_us: u64,
     },
+    /// A device refused more from the guest since it last said so
+    /// (malformed requests, protocol violations, corrupted rings): a
+    /// misbehaving guest, made visible. At most one per device per second,
+    /// and a last one before [`Event::Exit`] if the count changed since.
+    DeviceRejected {
+        /// Time.
+        t_us: u64,
+        /// The device: `rng`, `vsock`, `net`...
+        device: String,
+        /// How many requests it refused since the VMM started.
+        count: u64,
+        /// Why it refused the last one.
+        last: String,
+    },
     /// The VM ended; the process exits right after.
     Exit {
         /// Time.
@@ -125,5 +139,21 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
         assert!(now_us() > 0);
+    }
+
+    #[test]
+    fn device_rejections_are_tagged_json_lines() {
+        let e = Event::DeviceRejected {
+            t_us: 7,
+            device: "vsock".into(),
+            count: 3,
+            last: "TX packet dropped: bad CIDs 9 -> 2".into(),
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"event":"device_rejected","t_us":7,"device":"vsock","count":3,"last":"TX packet dropped: bad CIDs 9 -> 2"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
     }
 }

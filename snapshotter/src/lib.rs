@@ -749,4 +749,6 @@ impl Drop for RemoveOnDrop {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

@@ -34,6 +34,7 @@ use crate::devices::legacy::{
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::net::{NetError, DEFAULT_MAC};
 use crate::devices::virtio::persist::{DeviceModelState, DeviceRestoreError, MmioConstructorArgs};
+use crate::devices::virtio::report::RejectReporter;
 use crate::devices::virtio::{self, MmioTransport, Net, Rng, Vsock};
 use crate::error_chain;
 use crate::layout::*;
@@ -115,6 +116,10 @@ pub enum BuildError {
     /// The device event loop could not be set up, or failed.
     #[error("the device event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    /// The timer that paces the devices' rejection reports could not be
+    /// created.
+    #[error("cannot create the timer of the devices' rejection reports")]
+    ReportTimer(#[source] io::Error),
     /// The control socket could not be bound.
     #[error("cannot listen on the control socket {path}")]
     Control {
@@ -799,6 +804,11 @@ fn run_machine(
     for d in &m.devices {
         manager.add_subscriber(d.transport.clone());
     }
+    let transports = m.devices.iter().map(|d| d.transport.clone()).collect();
+    let reporter = Arc::new(Mutex::new(
+        RejectReporter::new(transports, events.clone()).map_err(BuildError::ReportTimer)?,
+    ));
+    manager.add_subscriber(reporter.clone());
     let fired = Arc::new(AtomicBool::new(false));
     let watcher_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -854,6 +864,7 @@ fn run_machine(
                 return Err(BuildError::EventLoop(e));
             }
         }
+        lock(&reporter).check();
         let request = pending.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(p) = request {
             match (&p.request, &m.freeze) {
@@ -873,6 +884,7 @@ fn run_machine(
             }
         }
     }
+    lock(&reporter).finish();
     if frozen {
         drop(threads);
         return Ok(VmEnd {

@@ -139,6 +139,9 @@ impl Persist for SerialDevice {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use std::sync::Arc;
 

@@ -196,36 +196,104 @@ impl ChainBuffers {
     }
 }
 
-/// Pops the next available descriptor chain.
+/// Why a queue's rings cannot be used any more: the device is flagged as
+/// needing a reset and stops processing the queue until the driver resets it.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The guest published an available index more than a queue size ahead
+    /// of what the device consumed: the ring is corrupted.
+    #[error("the available ring index {avail} is {ahead} entries ahead of the device, more than the queue's {size}")]
+    AvailIndexJump {
+        /// The published available index.
+        avail: u16,
+        /// How far ahead of the device's next entry it is.
+        ahead: u16,
+        /// The queue size.
+        size: u16,
+    },
+    /// The available ring's index is not readable.
+    #[error("cannot read the available ring index")]
+    AvailIndex(#[source] virtio_queue::Error),
+    /// The used ring is not writable.
+    #[error("cannot put descriptor {head} into the used ring")]
+    UsedRing {
+        /// The chain's head index.
+        head: u16,
+        /// What virtio-queue reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+}
+
+/// Pops the next available descriptor chain: `Ok(None)` when the driver
+/// made none available.
 ///
 /// If the guest published an available index that is more than a queue size ahead of what the
-/// device consumed (a corrupted ring), the device is flagged as needing a reset and `None` is
+/// device consumed (a corrupted ring), the device is flagged as needing a reset and the error
 /// returned, instead of processing garbage.
+pub(crate) fn try_pop_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+    irq: &Interrupt,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, RingError> {
+    let fault = match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => {
+            let ahead = (idx - Wrapping(queue.next_avail())).0;
+            if ahead <= queue.size() {
+                return Ok(queue.pop_descriptor_chain(mem));
+            }
+            RingError::AvailIndexJump {
+                avail: idx.0,
+                ahead,
+                size: queue.size(),
+            }
+        }
+        Err(e) => RingError::AvailIndex(e),
+    };
+    warn_limited!("{}", crate::error_chain(&fault));
+    irq.set_needs_reset();
+    Err(fault)
+}
+
+/// [`try_pop_chain`] for a caller that does not count ring faults: `None`
+/// also when the ring is corrupted (the device then needs a reset). Kept
+/// for device models written against it; rng and vsock count their faults.
+#[allow(dead_code)]
 pub(crate) fn pop_chain<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
     irq: &Interrupt,
 ) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => {
-            if (idx - Wrapping(queue.next_avail())).0 > queue.size() {
-                warn_limited!("available ring index {} is corrupted", idx.0);
-                irq.set_needs_reset();
-                return None;
-            }
-        }
-        Err(e) => {
-            warn_limited!("cannot read the available ring index: {e}");
-            irq.set_needs_reset();
-            return None;
-        }
-    }
-    queue.pop_descriptor_chain(mem)
+    try_pop_chain(queue, mem, irq).ok().flatten()
 }
 
-/// Puts a chain into the used ring. Returns `false` if the used ring is unusable (the device
-/// is then flagged as needing a reset). A head index outside the queue (which the guest put into
-/// the available ring) cannot be returned and is silently dropped.
+/// Puts a chain into the used ring. Fails if the used ring is unusable (the
+/// device is then flagged as needing a reset). A head index outside the
+/// queue (which the guest put into the available ring) cannot be returned
+/// and is dropped: `Ok`, as its chain was already refused
+/// ([`DescriptorError::Empty`]).
+pub(crate) fn try_add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    irq: &Interrupt,
+) -> Result<(), RingError> {
+    if head >= queue.size() {
+        warn_limited!("dropping chain with out-of-range head index {head}");
+        return Ok(());
+    }
+    queue.add_used(mem, head, len).map_err(|source| {
+        let e = RingError::UsedRing { head, source };
+        warn_limited!("{}", crate::error_chain(&e));
+        irq.set_needs_reset();
+        e
+    })
+}
+
+/// [`try_add_used`] for a caller that does not count ring faults: `false`
+/// if the used ring is unusable. Kept for device models written against it.
+#[allow(dead_code)]
 pub(crate) fn add_used(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -233,18 +301,7 @@ pub(crate) fn add_used(
     len: u32,
     irq: &Interrupt,
 ) -> bool {
-    if head >= queue.size() {
-        warn_limited!("dropping chain with out-of-range head index {head}");
-        return true;
-    }
-    match queue.add_used(mem, head, len) {
-        Ok(()) => true,
-        Err(e) => {
-            warn_limited!("cannot add descriptor {head} to the used ring: {e}");
-            irq.set_needs_reset();
-            false
-        }
-    }
+    try_add_used(queue, mem, head, len, irq).is_ok()
 }
 
 /// Raises the used-ring interrupt if the driver wants one (honours `VIRTIO_RING_F_EVENT_IDX`).
@@ -474,7 +531,15 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         vq.avail().idx().store(100);
         let irq = Interrupt::new().unwrap();
-        assert!(pop_chain(&mut q, &m, &irq).is_none());
+        assert!(matches!(
+            try_pop_chain(&mut q, &m, &irq),
+            Err(RingError::AvailIndexJump {
+                avail: 100,
+                ahead: 100,
+                size: 16
+            })
+        ));
         assert!(irq.needs_reset());
+        assert!(pop_chain(&mut q, &m, &irq).is_none());
     }
 }

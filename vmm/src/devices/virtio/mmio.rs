@@ -475,6 +475,9 @@ impl MutEventSubscriber for MmioTransport {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{

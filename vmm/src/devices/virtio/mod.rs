@@ -12,6 +12,8 @@
 //!   and [`net::Net`] (virtio-net with a tap backend) are the device models.
 //! * [`persist`] saves and restores a transport, its queues and (through each model's own
 //!   `persist.rs`) the model inside it.
+//! * [`report::RejectReporter`] puts what each device refused from the guest
+//!   ([`VirtioDevice::rejected`]) on the VMM's events stream, paced.
 //!
 //! Threading model: MMIO register accesses run on vCPU threads, queue processing runs on the
 //! single device event-loop thread. Both go through the same `Mutex<MmioTransport>`, so a device
@@ -33,9 +35,12 @@ pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod report;
 pub mod rng;
 pub mod vsock;
 
+#[cfg(test)]
+pub(crate) mod ring_fuzz;
 #[cfg(test)]
 pub(crate) mod test_utils;
 

@@ -428,6 +428,9 @@ impl Persist for MmioTransport {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::mmio::{REG_QUEUE_READY, REG_QUEUE_SEL, REG_STATUS};

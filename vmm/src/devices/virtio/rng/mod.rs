@@ -1,6 +1,7 @@
 //! virtio-rng: an entropy source backed by the host's `getrandom(2)`; its
 //! snapshot state is in [`persist`]. It must not hand the guest more than
 //! [`MAX_BYTES_PER_REQUEST`] bytes per request, however large its buffer.
+//! Every request it refuses is counted ([`VirtioDevice::rejected`]).
 
 pub mod persist;
 
@@ -9,11 +10,11 @@ use std::io;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::chain::{self, ChainBuffers, Direction};
+use super::chain::{self, ChainBuffers, DescriptorError, Direction, RingError};
 use super::persist::DeviceModelState;
 use super::Active;
 use super::{
-    warn_limited, Error, Interrupt, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+    warn_limited, Error, Interrupt, Rejected, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::persist::Persist;
@@ -30,6 +31,25 @@ pub struct Rng {
     acked_features: u64,
     active: Option<Active>,
     scratch: Vec<u8>,
+    rejected: Rejected,
+}
+
+/// What the device refuses from the guest (counted in [`Rng::rejected`]).
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    /// A request whose descriptor chain is malformed: returned empty.
+    #[error("malformed request")]
+    Malformed(#[source] DescriptorError),
+    /// The queue's rings are corrupted: the device needs a reset.
+    #[error("request queue unusable")]
+    Ring(#[source] RingError),
+}
+
+impl Rejection {
+    /// Counts this refusal in `rejected`, with its causes.
+    fn count(self, rejected: &mut Rejected) {
+        rejected.record(crate::error_chain(&self));
+    }
 }
 
 impl Default for Rng {
@@ -74,6 +94,7 @@ impl Rng {
             acked_features: 0,
             active: None,
             scratch: Vec::new(),
+            rejected: Rejected::default(),
         }
     }
 
@@ -82,7 +103,7 @@ impl Rng {
         mem: &GuestMemoryMmap,
         scratch: &mut Vec<u8>,
         bufs: &ChainBuffers,
-    ) -> Result<u32, Error> {
+    ) -> Result<u32, DescriptorError> {
         let n = bufs.len().min(MAX_BYTES_PER_REQUEST);
         scratch.resize(n, 0);
         if let Err(e) = fill_random(&mut scratch[..n]) {
@@ -99,25 +120,32 @@ impl Rng {
         };
         let Active { mem, queues, irq } = active;
         let queue = &mut queues[0];
+        let rejected = &mut self.rejected;
         let mut used_any = false;
         let mut idle_rounds = 0;
-        loop {
+        'rounds: loop {
             let mut popped = false;
-            while let Some(c) = chain::pop_chain(queue, mem, irq) {
-                popped = true;
-                let head = c.head_index();
-                let len = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
-                    Ok(bufs) => Self::serve(mem, &mut self.scratch, &bufs).unwrap_or_else(|e| {
-                        warn_limited!("virtio-rng request failed: {e}");
-                        0
-                    }),
+            loop {
+                let c = match chain::try_pop_chain(queue, mem, irq) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
                     Err(e) => {
-                        warn_limited!("virtio-rng: dropping malformed request: {e}");
-                        0
+                        Rejection::Ring(e).count(rejected);
+                        break 'rounds;
                     }
                 };
-                if !chain::add_used(queue, mem, head, len, irq) {
-                    break;
+                popped = true;
+                let head = c.head_index();
+                let served = ChainBuffers::from_chain(c, Direction::DeviceWritable)
+                    .and_then(|bufs| Self::serve(mem, &mut self.scratch, &bufs));
+                let len = served.unwrap_or_else(|e| {
+                    warn_limited!("virtio-rng: dropping malformed request: {e}");
+                    Rejection::Malformed(e).count(rejected);
+                    0
+                });
+                if let Err(e) = chain::try_add_used(queue, mem, head, len, irq) {
+                    Rejection::Ring(e).count(rejected);
+                    break 'rounds;
                 }
                 used_any = true;
             }
@@ -187,7 +215,14 @@ impl VirtioDevice for Rng {
     fn save_model(&self) -> DeviceModelState {
         DeviceModelState::Rng(self.save())
     }
+
+    fn rejected(&self) -> Rejected {
+        self.rejected.clone()
+    }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -261,10 +296,18 @@ mod tests {
         // chain was returned with length 0.
         assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (4, 0), (5, 0)]);
         assert!(!irq.needs_reset());
+        // Each refusal is counted; the empty buffer was served (0 bytes).
+        let rejected = rng.rejected();
+        assert_eq!(rejected.count, 5);
+        assert_eq!(
+            rejected.last.as_deref(),
+            Some("malformed request: unexpected device-readable descriptor")
+        );
         // The device keeps working.
         let head = dq.add_chain(&[(0x10_0000, 8, true)]);
         rng.process_queue(0);
         assert_eq!(dq.pop_used(), Some((head, 8)));
+        assert_eq!(rng.rejected().count, 5);
     }
 
     #[test]
@@ -275,6 +318,17 @@ mod tests {
         m.write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
         rng.process_queue(0);
         assert!(irq.needs_reset());
+        assert_eq!(
+            rng.rejected(),
+            Rejected {
+                count: 1,
+                last: Some(
+                    "request queue unusable: the available ring index 1000 is 1000 entries \
+                     ahead of the device, more than the queue's 16"
+                        .into()
+                )
+            }
+        );
     }
 
     #[test]

@@ -45,6 +45,30 @@ pub(super) mod pending {
     pub const RST: u8 = 16;
 }
 
+/// What a guest packet on a connection did wrong (the device counts it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum Violation {
+    /// An operation the connection's state does not allow: reset.
+    #[error("operation {op} on a connection in state {state:?}: connection reset")]
+    UnexpectedOp {
+        /// The packet's operation.
+        op: u16,
+        /// The connection's state.
+        state: State,
+    },
+    /// More data than the credit the device gave: reset.
+    #[error("{len} bytes with {buffered} already buffered exceed the connection's credit of {CONN_BUF_ALLOC}: connection reset")]
+    CreditExceeded {
+        /// Payload bytes of the packet.
+        len: usize,
+        /// Bytes received and not yet forwarded.
+        buffered: u64,
+    },
+    /// Data after the guest said it would send no more: dropped.
+    #[error("{0} bytes of data after the guest's SHUTDOWN: dropped")]
+    DataAfterShutdown(usize),
+}
+
 /// Connection life cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
@@ -159,6 +183,12 @@ impl Connection {
         }
     }
 
+    /// Guest bytes held for the Unix stream (for tests of the bounds).
+    #[cfg(test)]
+    pub fn buffered(&self) -> usize {
+        self.tx_buf.len()
+    }
+
     /// Nothing left to do: the muxer drops the connection (closing the Unix stream).
     pub fn is_finished(&self) -> bool {
         self.state == State::Closing && self.pending == 0 && self.tx_buf.is_empty()
@@ -253,10 +283,16 @@ impl Connection {
         }
     }
 
-    /// Handles a packet the guest sent on this connection (credit and ports already matched).
-    pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
+    /// Handles a packet the guest sent on this connection (credit and ports
+    /// already matched); what it refused is returned, after its consequences
+    /// (a reset) were applied.
+    pub fn handle_guest_packet(
+        &mut self,
+        hdr: &VsockHeader,
+        payload: &[u8],
+    ) -> Result<(), Violation> {
         if matches!(self.state, State::Closing | State::AwaitConnectLine) {
-            return;
+            return Ok(());
         }
         self.peer_buf_alloc = hdr.buf_alloc;
         self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
@@ -270,7 +306,7 @@ impl Connection {
             }
             // Nobody listens on that guest port.
             (State::LocalInit, OP_RST) => self.close_now(),
-            (State::Established, OP_RW) => self.recv_data(payload),
+            (State::Established, OP_RW) => return self.recv_data(payload),
             (State::Established, OP_CREDIT_UPDATE) => {}
             (State::Established, OP_CREDIT_REQUEST) => self.pending |= pending::CREDIT_UPDATE,
             (State::Established, OP_SHUTDOWN) => {
@@ -294,22 +330,28 @@ impl Connection {
             (state, op) => {
                 warn_limited!("vsock: unexpected op {op} in state {state:?}, resetting");
                 self.kill();
+                return Err(Violation::UnexpectedOp { op, state });
             }
         }
+        Ok(())
     }
 
-    fn recv_data(&mut self, payload: &[u8]) {
+    fn recv_data(&mut self, payload: &[u8]) -> Result<(), Violation> {
         if payload.is_empty() {
-            return;
+            return Ok(());
         }
         if self.peer_shutdown & SHUTDOWN_SEND != 0 || self.write_shut {
             warn_limited!("vsock: guest sent data after SHUTDOWN, dropped");
-            return;
+            return Err(Violation::DataAfterShutdown(payload.len()));
         }
         let buffered = u64::from((self.recv_cnt - self.fwd_cnt).0);
         if buffered + payload.len() as u64 > u64::from(CONN_BUF_ALLOC) {
             warn_limited!("vsock: guest exceeded its credit, resetting the connection");
-            return self.kill();
+            self.kill();
+            return Err(Violation::CreditExceeded {
+                len: payload.len(),
+                buffered,
+            });
         }
         self.recv_cnt += Wrapping(payload.len() as u32);
         let mut rest = payload;
@@ -323,12 +365,17 @@ impl Connection {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return self.kill(),
+                    Err(_) => {
+                        // The host side broke: nothing the guest did.
+                        self.kill();
+                        return Ok(());
+                    }
                 }
             }
         }
         self.tx_buf.extend(rest);
         self.after_forward();
+        Ok(())
     }
 
     /// Writes as much of `tx_buf` to the Unix stream as it takes.

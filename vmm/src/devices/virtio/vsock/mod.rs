@@ -14,6 +14,8 @@
 //!
 //! The device's snapshot state (its guest CID) is in [`persist`]. It must not trust a packet
 //! the guest sends: lengths, CIDs and the socket type are checked before anything is copied.
+//! Whatever it refuses from the guest (malformed chains and headers, protocol violations,
+//! corrupted rings) is counted ([`VirtioDevice::rejected`]).
 
 mod connection;
 mod muxer;
@@ -28,13 +30,13 @@ use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
-use self::muxer::Muxer;
+use self::muxer::{Muxer, Refusal};
 use self::packet::{VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
-use super::chain::{self, ChainBuffers, DescriptorError, Direction};
+use super::chain::{self, ChainBuffers, DescriptorError, Direction, RingError};
 use super::persist::DeviceModelState;
 use super::Active;
 use super::{
-    read_config_bytes, warn_limited, Error, Interrupt, VirtioDevice, TYPE_VSOCK,
+    read_config_bytes, warn_limited, Error, Interrupt, Rejected, VirtioDevice, TYPE_VSOCK,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::persist::Persist;
@@ -92,6 +94,8 @@ pub struct Vsock {
     pending_ticks: u32,
     /// When that wait ends at the latest.
     reset_deadline: Option<std::time::Instant>,
+    /// What the device refused from the guest.
+    rejected: Rejected,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -122,6 +126,7 @@ impl Vsock {
             reset_deadline: None,
             nudging: false,
             pending_ticks: 0,
+            rejected: Rejected::default(),
         })
     }
 
@@ -167,8 +172,7 @@ impl Vsock {
         if bufs.read_at(mem, HDR_SIZE, payload)? != len {
             return Err(TxError::ShortPayload);
         }
-        muxer.handle_guest_packet(&hdr, payload);
-        Ok(())
+        Ok(muxer.handle_guest_packet(&hdr, payload)?)
     }
 
     fn process_tx(&mut self) {
@@ -176,11 +180,24 @@ impl Vsock {
             return;
         };
         let txq = &mut queues[TXQ];
+        let rejected = &mut self.rejected;
         let mut used_any = false;
         let mut idle_rounds = 0;
-        loop {
+        'rounds: loop {
             let mut popped = false;
-            while let Some(c) = chain::pop_chain(txq, mem, irq) {
+            loop {
+                let c = match chain::try_pop_chain(txq, mem, irq) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(source) => {
+                        Rejection::Ring {
+                            queue: "TX",
+                            source,
+                        }
+                        .count(rejected);
+                        break 'rounds;
+                    }
+                };
                 popped = true;
                 let head = c.head_index();
                 let res = ChainBuffers::from_chain(c, Direction::DeviceReadable)
@@ -195,10 +212,16 @@ impl Vsock {
                         )
                     });
                 if let Err(e) = res {
-                    warn_limited!("vsock: dropping malformed TX packet: {e}");
+                    warn_limited!("vsock: dropping TX packet: {}", crate::error_chain(&e));
+                    Rejection::Tx(e).count(rejected);
                 }
-                if !chain::add_used(txq, mem, head, 0, irq) {
-                    break;
+                if let Err(source) = chain::try_add_used(txq, mem, head, 0, irq) {
+                    Rejection::Ring {
+                        queue: "TX",
+                        source,
+                    }
+                    .count(rejected);
+                    break 'rounds;
                 }
                 used_any = true;
             }
@@ -218,30 +241,50 @@ impl Vsock {
             return;
         };
         let rxq = &mut queues[RXQ];
+        let rejected = &mut self.rejected;
         let mut used_any = false;
         let mut retries = 0;
         while self.muxer.has_rx() && !irq.needs_reset() {
-            let Some(c) = chain::pop_chain(rxq, mem, irq) else {
-                // Out of RX buffers: ask the guest to tell us when it adds some. If it did in
-                // the meantime, go on.
-                if retries < 2 && chain::enable_notification(rxq, mem, irq) {
-                    retries += 1;
-                    continue;
+            let c = match chain::try_pop_chain(rxq, mem, irq) {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    // Out of RX buffers: ask the guest to tell us when it adds some. If it did
+                    // in the meantime, go on.
+                    if retries < 2 && chain::enable_notification(rxq, mem, irq) {
+                        retries += 1;
+                        continue;
+                    }
+                    break;
                 }
-                break;
+                Err(source) => {
+                    Rejection::Ring {
+                        queue: "RX",
+                        source,
+                    }
+                    .count(rejected);
+                    break;
+                }
             };
             retries = 0;
             let head = c.head_index();
-            let bufs = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
-                Ok(b) if b.len() >= HDR_SIZE => b,
-                Ok(b) => {
-                    warn_limited!("vsock: RX buffer of {} bytes is too small", b.len());
-                    used_any |= chain::add_used(rxq, mem, head, 0, irq);
-                    continue;
-                }
+            let refused = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
+                Ok(b) if b.len() >= HDR_SIZE => Ok(b),
+                Ok(b) => Err(Rejection::RxTooSmall(b.len())),
+                Err(e) => Err(Rejection::RxBuffer(e)),
+            };
+            let bufs = match refused {
+                Ok(b) => b,
                 Err(e) => {
-                    warn_limited!("vsock: dropping malformed RX buffer: {e}");
-                    used_any |= chain::add_used(rxq, mem, head, 0, irq);
+                    warn_limited!("vsock: dropping RX buffer: {}", crate::error_chain(&e));
+                    e.count(rejected);
+                    match chain::try_add_used(rxq, mem, head, 0, irq) {
+                        Ok(()) => used_any = true,
+                        Err(source) => Rejection::Ring {
+                            queue: "RX",
+                            source,
+                        }
+                        .count(rejected),
+                    }
                     continue;
                 }
             };
@@ -258,7 +301,14 @@ impl Vsock {
                 // Cannot happen for validated buffers; the packet is lost.
                 warn_limited!("vsock: writing an RX packet failed: {e}");
             }
-            used_any |= chain::add_used(rxq, mem, head, (HDR_SIZE + n) as u32, irq);
+            match chain::try_add_used(rxq, mem, head, (HDR_SIZE + n) as u32, irq) {
+                Ok(()) => used_any = true,
+                Err(source) => Rejection::Ring {
+                    queue: "RX",
+                    source,
+                }
+                .count(rejected),
+            }
         }
         if used_any {
             chain::notify_used(rxq, mem, irq);
@@ -289,6 +339,7 @@ impl VirtioDevice for Vsock {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
         warn_limited!("vsock: guest wrote to the read-only config space");
+        Rejection::ConfigWrite.count(&mut self.rejected);
     }
 
     fn activate(
@@ -348,6 +399,10 @@ impl VirtioDevice for Vsock {
         DeviceModelState::Vsock(self.save())
     }
 
+    fn rejected(&self) -> Rejected {
+        self.rejected.clone()
+    }
+
     /// Host connections do not survive into a restored VM: tell the guest
     /// with a transport reset event, so that it drops its connections
     /// (listening sockets stay) and re-reads the guest CID.
@@ -358,18 +413,42 @@ impl VirtioDevice for Vsock {
             return;
         };
         let evq = &mut queues[EVQ];
-        let Some(c) = chain::pop_chain(evq, mem, irq) else {
-            warn_limited!("vsock: no event buffer for the transport reset");
-            return;
+        let rejected = &mut self.rejected;
+        let c = match chain::try_pop_chain(evq, mem, irq) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                warn_limited!("vsock: no event buffer for the transport reset");
+                return;
+            }
+            Err(source) => {
+                Rejection::Ring {
+                    queue: "event",
+                    source,
+                }
+                .count(rejected);
+                return;
+            }
         };
         let head = c.head_index();
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
         let len = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
-            Ok(b) if b.len() >= 4 => b
-                .write_at(mem, 0, &VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes())
-                .unwrap_or(0),
-            Ok(_) | Err(_) => 0,
+            Ok(b) if b.len() >= event.len() => b.write_at(mem, 0, &event).unwrap_or(0),
+            Ok(b) => {
+                Rejection::EventTooSmall(b.len()).count(rejected);
+                0
+            }
+            Err(e) => {
+                Rejection::EventBuffer(e).count(rejected);
+                0
+            }
         };
-        chain::add_used(evq, mem, head, len as u32, irq);
+        if let Err(source) = chain::try_add_used(evq, mem, head, len as u32, irq) {
+            Rejection::Ring {
+                queue: "event",
+                source,
+            }
+            .count(rejected);
+        }
         // Ask to be told when the guest hands the buffer back.
         chain::notify_on_next_avail(evq, mem, irq);
         irq.signal_used_queue();
@@ -445,6 +524,47 @@ impl Vsock {
     }
 }
 
+/// What the device refuses from the guest (counted in [`Vsock::rejected`]).
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    /// A packet the guest sent, dropped (its buffer is returned).
+    #[error("TX packet dropped")]
+    Tx(#[source] TxError),
+    /// A receive buffer whose descriptor chain is malformed: returned unused.
+    #[error("RX buffer returned unused")]
+    RxBuffer(#[source] DescriptorError),
+    /// A receive buffer too small for a packet header: returned unused.
+    #[error(
+        "RX buffer of {0} bytes cannot hold a packet header ({HDR_SIZE} bytes): returned unused"
+    )]
+    RxTooSmall(usize),
+    /// An event buffer whose descriptor chain is malformed.
+    #[error("event buffer returned unused")]
+    EventBuffer(#[source] DescriptorError),
+    /// An event buffer too small for an event.
+    #[error("event buffer of {0} bytes cannot hold an event (4 bytes): returned unused")]
+    EventTooSmall(usize),
+    /// A queue's rings are corrupted: the device needs a reset.
+    #[error("{queue} queue unusable")]
+    Ring {
+        /// Which queue.
+        queue: &'static str,
+        /// What is wrong with it.
+        #[source]
+        source: RingError,
+    },
+    /// A write to the read-only configuration space: ignored.
+    #[error("write to the read-only configuration space ignored")]
+    ConfigWrite,
+}
+
+impl Rejection {
+    /// Counts this refusal in `rejected`, with its causes.
+    fn count(self, rejected: &mut Rejected) {
+        rejected.record(crate::error_chain(&self));
+    }
+}
+
 /// Why a packet the guest sent is dropped.
 #[derive(Debug, thiserror::Error)]
 enum TxError {
@@ -477,10 +597,16 @@ enum TxError {
     /// Fewer payload bytes than announced could be read.
     #[error("short payload")]
     ShortPayload,
+    /// The host side refused it (a protocol violation or an unsupported
+    /// request).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 /// The only vsock event: the transport was reset (e.g. after a restore).
 pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

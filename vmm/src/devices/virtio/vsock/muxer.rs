@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::connection::{Connection, State};
-use super::packet::{VsockHeader, HOST_CID, OP_RST, TYPE_STREAM};
+use super::connection::{Connection, State, Violation};
+use super::packet::{VsockHeader, HOST_CID, OP_CREDIT_REQUEST, OP_REQUEST, OP_RST, TYPE_STREAM};
 use crate::devices::virtio::{warn_limited, Error};
 
 /// Most simultaneous host connections (each may buffer up to `CONN_BUF_ALLOC` bytes).
@@ -27,6 +27,37 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// epoll token of the listener (connection tokens always have a nonzero id in the high half).
 const LISTENER_TOKEN: u64 = 0;
 const EPOLL_BATCH: usize = 64;
+
+/// A guest packet the host side refused (the device counts it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum Refusal {
+    /// The guest tried to connect to the host, which is not supported: it
+    /// gets a reset.
+    #[error("guest-initiated connection from guest port {src_port} to host port {dst_port} refused (not supported)")]
+    GuestConnect {
+        /// The guest's port.
+        src_port: u32,
+        /// The host port it asked for.
+        dst_port: u32,
+    },
+    /// An operation that does not exist.
+    #[error("unknown operation {0}")]
+    UnknownOp(u16),
+    /// The guest does not take the resets queued for it: this one is lost.
+    #[error(
+        "{MAX_RAW_PACKETS} resets wait for the guest to take them: one to guest port {0} dropped"
+    )]
+    ResetQueueFull(u32),
+    /// The packet broke its connection's protocol.
+    #[error("host port {port}")]
+    Connection {
+        /// The host port of the connection.
+        port: u32,
+        /// What it did.
+        #[source]
+        source: Violation,
+    },
+}
 
 #[derive(Debug, Clone, Copy)]
 enum RxItem {
@@ -271,10 +302,10 @@ impl Muxer {
         }
     }
 
-    fn push_rst_reply(&mut self, hdr: &VsockHeader) {
+    fn push_rst_reply(&mut self, hdr: &VsockHeader) -> Result<(), Refusal> {
         if self.raw_count >= MAX_RAW_PACKETS {
             warn_limited!("vsock: too many queued resets, dropping one");
-            return;
+            return Err(Refusal::ResetQueueFull(hdr.src_port));
         }
         self.raw_count += 1;
         self.rxq.push_back(RxItem::Raw(VsockHeader {
@@ -289,27 +320,49 @@ impl Muxer {
             buf_alloc: 0,
             fwd_cnt: 0,
         }));
+        Ok(())
     }
 
-    /// Handles a validated packet from the guest (CIDs and type already checked).
-    pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
+    /// Handles a validated packet from the guest (CIDs and type already
+    /// checked); returns what it refused.
+    pub fn handle_guest_packet(
+        &mut self,
+        hdr: &VsockHeader,
+        payload: &[u8],
+    ) -> Result<(), Refusal> {
         let port = hdr.dst_port;
         let known = self
             .conns
             .get(&port)
             .is_some_and(|c| c.peer_port == hdr.src_port && c.state != State::AwaitConnectLine);
         if !known {
-            // Includes guest-initiated connection requests, which are not supported (yet): the
-            // guest's connect() fails with ECONNRESET.
-            if hdr.op != OP_RST {
-                self.push_rst_reply(hdr);
+            // A reset answers everything but a reset. Guest-initiated
+            // connection requests are not supported (yet): the guest's
+            // connect() fails with ECONNRESET. Other known operations are
+            // stragglers of a connection that is gone (no fault).
+            if hdr.op == OP_RST {
+                return Ok(());
             }
-            return;
+            self.push_rst_reply(hdr)?;
+            return match hdr.op {
+                OP_REQUEST => Err(Refusal::GuestConnect {
+                    src_port: hdr.src_port,
+                    dst_port: hdr.dst_port,
+                }),
+                op if !(OP_REQUEST..=OP_CREDIT_REQUEST).contains(&op) => {
+                    Err(Refusal::UnknownOp(op))
+                }
+                _ => Ok(()),
+            };
         }
-        if let Some(conn) = self.conns.get_mut(&port) {
-            conn.handle_guest_packet(hdr, payload);
-        }
+        let result = match self.conns.get_mut(&port) {
+            Some(conn) => conn
+                .handle_guest_packet(hdr, payload)
+                .map_err(|source| Refusal::Connection { port, source }),
+            None => Ok(()),
+        };
         self.after_change(port);
+        result
     }
 
     /// Produces the next packet for the guest: header and payload length (payload at the start
@@ -337,6 +390,20 @@ impl Muxer {
             }
         }
         None
+    }
+
+    /// What the host side holds (for tests of the bounds): connections,
+    /// queued packet sources, connection-less packets, and the most guest
+    /// bytes one connection holds for its Unix stream.
+    #[cfg(test)]
+    pub fn footprint(&self) -> (usize, usize, usize, usize) {
+        let buffered = self.conns.values().map(Connection::buffered).max();
+        (
+            self.conns.len(),
+            self.rxq.len(),
+            self.raw_count,
+            buffered.unwrap_or(0),
+        )
     }
 
     /// Drops every connection (device reset): Unix peers see EOF.

@@ -401,6 +401,12 @@ fn rejects_reserved_cids_and_reports_config() {
     let mut hi = [0xffu8; 4];
     dev.read_config(4, &mut hi);
     assert_eq!(hi, [0; 4]);
+    // The config space is read-only: a write is refused, and counted.
+    let mut dev = dev;
+    dev.write_config(0, &[9]);
+    dev.read_config(0, &mut lo);
+    assert_eq!(u32::from_le_bytes(lo), 0x1234_5678);
+    assert_eq!(dev.rejected().count, 1);
     // The path is taken while the device lives, and released afterwards.
     assert!(matches!(Vsock::new(5, &path), Err(Error::Bind { .. })));
     drop(dev);
@@ -529,11 +535,35 @@ fn guest_initiated_connections_are_reset() {
     assert_eq!(h.op, OP_RST);
     assert_eq!((h.src_port, h.dst_port), (80, 4000));
     assert_eq!((h.src_cid, h.dst_cid), (HOST_CID, GUEST_CID));
-    // An RST to an unknown connection gets no answer.
+    // It is counted as refused.
+    let rejected = d.dev.rejected();
+    assert_eq!(rejected.count, 1);
+    assert_eq!(
+        rejected.last.as_deref(),
+        Some("TX packet dropped: guest-initiated connection from guest port 4000 to host port 80 refused (not supported)")
+    );
+    // An RST to an unknown connection gets no answer, and is no fault.
     let rst = VsockHeader { op: OP_RST, ..req };
     g.send(&mut d, &rst, &[]);
     d.pump(20);
     assert!(g.recv(&mut d).is_empty());
+    // Neither is a straggler of a connection that is gone (it gets a reset).
+    let late = VsockHeader {
+        op: OP_CREDIT_UPDATE,
+        ..req
+    };
+    g.send(&mut d, &late, &[]);
+    assert_eq!(wait_one(&mut d, &mut g).0.op, OP_RST);
+    // An operation that does not exist is.
+    let unknown = VsockHeader { op: 99, ..req };
+    g.send(&mut d, &unknown, &[]);
+    assert_eq!(wait_one(&mut d, &mut g).0.op, OP_RST);
+    let rejected = d.dev.rejected();
+    assert_eq!(rejected.count, 2);
+    assert_eq!(
+        rejected.last.as_deref(),
+        Some("TX packet dropped: unknown operation 99")
+    );
 }
 
 #[test]
@@ -543,6 +573,7 @@ fn malformed_tx_packets_are_dropped() {
     let mut g = Guest::new(&m, RxLayout::Split);
     let mut d = direct(&m, &mut g, &path);
     let (mut s, mut c) = handshake(&mut d, &mut g, &path, 1024);
+    assert_eq!(d.dev.rejected().count, 0, "a handshake is no fault");
 
     let good = c.hdr(OP_RW, 4);
     let slot = TX_SLOTS + 60 * TX_SLOT_SIZE;
@@ -585,11 +616,16 @@ fn malformed_tx_packets_are_dropped() {
         vec![(slot, 0, false), (slot, 0, false)],
     ];
     g.reclaim_tx();
-    for bufs in &cases {
+    for (i, bufs) in cases.iter().enumerate() {
         let head = g.tx.add_chain(bufs);
         d.kick(TXQ);
         assert_eq!(g.tx.pop_used(), Some((head, 0)));
+        assert_eq!(d.dev.rejected().count, i as u64 + 1, "{bufs:?}");
     }
+    assert_eq!(
+        d.dev.rejected().last.as_deref(),
+        Some("TX packet dropped: packet of 0 bytes is shorter than the header")
+    );
     // A loop and an out-of-range next index.
     let free = 200;
     g.tx.add_raw(
@@ -604,6 +640,7 @@ fn malformed_tx_packets_are_dropped() {
     g.tx.add_raw(&[(free, desc(slot, 44, DESC_NEXT, 999))], free);
     d.kick(TXQ);
     assert_eq!(g.tx.pop_used(), Some((free, 0)));
+    assert_eq!(d.dev.rejected().count, cases.len() as u64 + 2);
 
     // Nothing reached the host, no reply to the guest, the connection still works.
     s.set_nonblocking(true).unwrap();
@@ -624,6 +661,7 @@ fn malformed_tx_packets_are_dropped() {
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"evil");
+    assert_eq!(d.dev.rejected().count, cases.len() as u64 + 2);
 }
 
 #[test]
@@ -662,6 +700,12 @@ fn malformed_rx_buffers_are_returned_empty() {
         assert_eq!(used[i], (*h, 0));
     }
     assert_eq!(used[4].0, good_head);
+    let rejected = d.dev.rejected();
+    assert_eq!(rejected.count, 4);
+    assert_eq!(
+        rejected.last.as_deref(),
+        Some("RX buffer of 0 bytes cannot hold a packet header (44 bytes): returned unused")
+    );
     let bytes = read_stream(&m, &good, used[4].1 as usize);
     let hdr = VsockHeader::from_bytes(bytes[..HDR_SIZE].try_into().unwrap());
     assert_eq!(hdr.op, OP_REQUEST);
@@ -744,6 +788,14 @@ fn guest_overrunning_credit_is_reset() {
         }
     }
     assert!(reset, "no RST after {sent} bytes");
+    let rejected = d.dev.rejected();
+    assert!(rejected.count >= 1);
+    let last = rejected.last.unwrap();
+    assert!(
+        last.starts_with("TX packet dropped: host port ")
+            && last.contains("exceed the connection's credit of 262144: connection reset"),
+        "{last}"
+    );
     drop(s);
 }
 
