@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::devices::virtio::mmio::{MMIO_WINDOW_SIZE, REG_STATUS};
+use crate::devices::virtio::net;
 use crate::devices::virtio::rng::persist::RNG_STATE_VERSION;
 use crate::devices::virtio::test_utils::{mem, MEM_SIZE};
 use crate::devices::virtio::vsock::persist::VSOCK_STATE_VERSION;
@@ -117,6 +118,7 @@ fn apply(state: &mut VirtioDeviceState, d: &Damage) {
         Damage::ModelVersion(v) => match &mut state.model {
             DeviceModelState::Rng(s) => s.version = *v,
             DeviceModelState::Vsock(s) => s.version = *v,
+            DeviceModelState::Net(s) => s.version = *v,
         },
         Damage::GuestCid(c) => {
             if let DeviceModelState::Vsock(s) = &mut state.model {
@@ -194,6 +196,7 @@ fn device_state() -> impl Strategy<Value = VirtioDeviceState> {
                 vsock::QUEUE_SIZE,
                 vsock::EVENT_QUEUE_SIZE,
             ],
+            DeviceModelState::Net(_) => &[net::QUEUE_SIZE, net::QUEUE_SIZE],
         };
         let queues = || -> Vec<_> { sizes.iter().map(|&s| queue_state(s)).collect() };
         let device_type = model.device_type();
@@ -285,6 +288,7 @@ proptest! {
         let args = MmioConstructorArgs {
             mem: m.clone(),
             vsock_uds: Some(sock_path()),
+            net_tap: None,
         };
         let mut t = match MmioTransport::restore(args, &state) {
             Ok(t) => t,
