@@ -582,12 +582,15 @@ impl VmmProcess {
                 );
             }
         }
+        let log = std::fs::read_to_string(self.dir.join(files::VMM_LOG)).unwrap_or_default();
+        if let Some(message) = seccomp_death(self.status.and_then(|s| s.signal()), &log) {
+            return message;
+        }
         let how = match self.status {
             Some(jailer::Exit::Signal { signal, .. }) => format!("killed by signal {signal}"),
             Some(jailer::Exit::Code(c)) => format!("exited with code {c}"),
             None => "ended".to_string(),
         };
-        let log = std::fs::read_to_string(self.dir.join(files::VMM_LOG)).unwrap_or_default();
         match log.lines().rev().find(|l| !l.trim().is_empty()) {
             Some(last) => format!("the VMM {how}: {last}"),
             None => format!("the VMM {how} without saying why"),
@@ -894,6 +897,59 @@ pub fn console_tail(path: &Path, n: usize) -> Vec<String> {
         .iter()
         .map(|l| l.to_string())
         .collect()
+}
+
+/// The line a VMM's SIGSYS handler writes to its stderr (`vmm.log`) when
+/// its seccomp filter refused a call (`vmm::seccomp`), up to the call.
+const SECCOMP_REPORT: &str = "zygote-vmm: seccomp: forbidden system call: ";
+
+/// How a VMM that its seccomp filter killed ended, for a user: it died by
+/// `signal` SIGSYS, or `log` holds its report of the call. `None` for any
+/// other death. (An adopted VMM has no exit status: the log tells.)
+fn seccomp_death(signal: Option<i32>, log: &str) -> Option<String> {
+    const KILLED: &str = "the VMM was killed by its seccomp filter: a forbidden system call";
+    let call = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(SECCOMP_REPORT).map(|(_, call)| call.trim()));
+    match (call, signal) {
+        (Some(call), _) => Some(format!("{KILLED}: {call}")),
+        (None, Some(libc::SIGSYS)) => Some(format!(
+            "{KILLED} (it died by SIGSYS; vmm.log names no call)"
+        )),
+        (None, _) => None,
+    }
+}
+
+#[cfg(test)]
+mod seccomp_death_tests {
+    use super::seccomp_death;
+
+    #[test]
+    fn a_seccomp_death_names_the_call_and_its_thread() {
+        let log = "zygote-vmm: seccomp: forbidden system call: socket (41) on the vcpu thread (args 0x2 0x80001 0x0 0x0)\n";
+        assert_eq!(
+            seccomp_death(Some(libc::SIGSYS), log).as_deref(),
+            Some("the VMM was killed by its seccomp filter: a forbidden system call: socket (41) on the vcpu thread (args 0x2 0x80001 0x0 0x0)")
+        );
+        // An adopted VMM: no status, the log tells.
+        assert!(seccomp_death(None, log)
+            .unwrap()
+            .contains("socket (41) on the vcpu thread"));
+        // SIGSYS without a report is still a seccomp death.
+        assert!(seccomp_death(Some(libc::SIGSYS), "")
+            .unwrap()
+            .starts_with("the VMM was killed by its seccomp filter: a forbidden system call"));
+    }
+
+    #[test]
+    fn other_deaths_are_not_seccomp() {
+        assert_eq!(
+            seccomp_death(Some(libc::SIGKILL), "zygote-vmm: oops\n"),
+            None
+        );
+        assert_eq!(seccomp_death(None, ""), None);
+    }
 }
 
 /// A pidfd for `pid`, or `None` when the process is gone (or the kernel

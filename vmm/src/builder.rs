@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,7 @@ use crate::error_chain;
 use crate::layout::*;
 use crate::memory;
 use crate::persist::Persist;
+use crate::seccomp::{self, Filters, Profile, SeccompError, ThreadKind};
 use crate::snapshot::{self, CheckError, DeviceSnapshot, VmSnapshot, MAX_VIRTIO_DEVICES};
 use crate::vstate::control::{ControlError, RunControl};
 use crate::vstate::fingerprint::{HostFingerprint, ProbeError};
@@ -132,6 +133,12 @@ pub enum BuildError {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] io::Error),
+    /// The signal that kicks vCPUs out of the guest could not be set up.
+    #[error("cannot set up the signal that pauses vCPUs")]
+    Signals(#[source] ControlError),
+    /// A thread's seccomp filter could not be built or installed.
+    #[error("cannot confine the VMM's threads with seccomp")]
+    Seccomp(#[source] SeccompError),
     /// A snapshot could not be restored.
     #[error("cannot restore the snapshot")]
     Restore(#[from] RestoreError),
@@ -601,7 +608,7 @@ pub fn run_vm(
         freeze,
         _mem: mem,
     };
-    run_machine(machine, launch.control.as_deref(), events)
+    run_machine(machine, launch.control.as_deref(), launch.seccomp, events)
 }
 
 /// Starts a VM from a snapshot: guest RAM is the snapshot's memory file
@@ -649,7 +656,7 @@ pub fn run_restored(
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
     let machine = restore_machine(prepared, launch, &events)?;
-    run_machine(machine, None, events)
+    run_machine(machine, None, launch.seccomp, events)
 }
 
 /// Builds the VM of a prepared snapshot: KVM VM, vCPUs and devices, each
@@ -791,11 +798,42 @@ fn ms(a: Instant, b: Instant) -> f64 {
     (b - a).as_secs_f64() * 1000.0
 }
 
+/// Holds the vCPU threads back until every thread's seccomp filter is in
+/// place, then lets them run the guest (or end, when setting up failed).
+#[derive(Default)]
+struct StartGate {
+    go: Mutex<Option<bool>>,
+    changed: Condvar,
+}
+
+impl StartGate {
+    fn open(&self, go: bool) {
+        *lock(&self.go) = Some(go);
+        self.changed.notify_all();
+    }
+
+    /// Waits until the gate opens; whether to run the guest.
+    fn wait(&self) -> bool {
+        let mut go = lock(&self.go);
+        loop {
+            if let Some(go) = *go {
+                return go;
+            }
+            go = self.changed.wait(go).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 /// Runs an assembled VM: one thread per vCPU, this thread runs the device
 /// event loop (and the control socket) until the VM ends.
+///
+/// With `seccomp`, each vCPU thread installs its filter first thing, this
+/// thread installs its own once it has started them all, and no vCPU
+/// enters the guest before every filter is in place ([`crate::seccomp`]).
 fn run_machine(
     mut m: Machine,
     ctl_path: Option<&std::path::Path>,
+    seccomp: bool,
     events: Arc<EventSink>,
 ) -> Result<VmEnd, BuildError> {
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -825,6 +863,25 @@ fn run_machine(
         manager.add_subscriber(Arc::new(Mutex::new(listener)));
     }
 
+    // Every signal handler is in place before any filter: none allows
+    // rt_sigaction.
+    crate::vstate::control::install_kick_handler().map_err(BuildError::Signals)?;
+    let filters = if seccomp {
+        seccomp::install_sigsys_handler().map_err(BuildError::Seccomp)?;
+        let profile = Profile {
+            can_freeze: m.freeze.is_some(),
+        };
+        Some(Arc::new(
+            Filters::compile(profile).map_err(BuildError::Seccomp)?,
+        ))
+    } else {
+        None
+    };
+    #[cfg(debug_assertions)]
+    let violate = seccomp::test_hook::requested();
+    let gate = Arc::new(StartGate::default());
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), SeccompError>>();
+
     let first_stop: Arc<Mutex<Option<VcpuStop>>> = Arc::new(Mutex::new(None));
     let mut threads = Vec::new();
     for mut vcpu in std::mem::take(&mut m.vcpus) {
@@ -833,9 +890,26 @@ fn run_machine(
         let first_stop = first_stop.clone();
         let exit_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
         let events = events.clone();
+        let filters = filters.clone();
+        let gate = gate.clone();
+        let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index()))
             .spawn(move || {
+                let installed = match &filters {
+                    Some(f) => seccomp::install(ThreadKind::Vcpu, &f.vcpu),
+                    None => Ok(()),
+                };
+                let ok = installed.is_ok();
+                let _ = ready.send(installed);
+                drop(ready);
+                if !ok || !gate.wait() {
+                    return;
+                }
+                #[cfg(debug_assertions)]
+                if violate == Some(ThreadKind::Vcpu) && vcpu.index() == 0 {
+                    seccomp::test_hook::violate();
+                }
                 if vcpu.index() == 0 {
                     events.emit(&Event::VcpuRunning { t_us: now_us() });
                 }
@@ -856,6 +930,28 @@ fn run_machine(
             .map_err(BuildError::Thread)?;
         threads.push(handle);
     }
+    drop(ready_tx);
+    // This thread starts no thread from here on: its filter allows none.
+    // It installs it while the vCPU threads install theirs.
+    let confined = (|| {
+        if let Some(f) = &filters {
+            seccomp::install(ThreadKind::Main, &f.main)?;
+        }
+        for _ in 0..threads.len() {
+            ready_rx.recv().map_err(|_| SeccompError::ThreadGone)??;
+        }
+        Ok(())
+    })();
+    if let Err(e) = confined {
+        m.control.stop();
+        gate.open(false);
+        return Err(BuildError::Seccomp(e));
+    }
+    #[cfg(debug_assertions)]
+    if violate == Some(ThreadKind::Main) {
+        seccomp::test_hook::violate();
+    }
+    gate.open(true);
 
     let mut frozen = false;
     while !fired.load(Ordering::SeqCst) {

@@ -6,7 +6,8 @@
 //! and running them ([`builder`]); what a frozen VM is ([`snapshot`]) and how
 //! each part of it is saved and restored ([`persist`]). It reports to
 //! whoever started it through [`proto::events`] on stdout, and takes requests
-//! on [`ctl`]. Its errors are typed, one enum per module, and keep their
+//! on [`ctl`]. Once the guest runs, every thread is confined to its own
+//! allow-list of system calls ([`seccomp`]). Its errors are typed, one enum per module, and keep their
 //! causes ([`error_chain`] prints them).
 //!
 //! It must not: run more than one VM per process (a guest that escapes
@@ -22,6 +23,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod persist;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
 
