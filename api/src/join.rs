@@ -514,6 +514,7 @@ impl Agent {
             let t = tenant(&i.tenant);
             let (_, name) = scheduler::service::split_key(&i.master);
             let req = InstancesRequest {
+                limits: Default::default(),
                 master: name.to_string(),
                 count: 1,
                 labels: BTreeMap::from([

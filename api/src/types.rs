@@ -185,6 +185,35 @@ pub struct CreateInstances {
     /// What the TTL does.
     #[serde(default)]
     pub on_ttl: OnTtl,
+    /// Each clone's resource limits (its VMM's cgroup).
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A clone's resource limits; each absent one takes the host's default.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Memory of the clone's VMM in MiB (default: guest RAM + the VMM's
+    /// allowance); a clone that exceeds it is killed alone.
+    #[schema(minimum = 16, maximum = 1048576)]
+    pub memory_max_mib: Option<u64>,
+    /// CPU time, in cores (0.5 = half a core).
+    #[schema(minimum = 0.01, maximum = 1024.0)]
+    pub cpus: Option<f64>,
+    /// CPU weight against other clones (default 100).
+    #[schema(minimum = 1, maximum = 10000)]
+    pub cpu_weight: Option<u16>,
+}
+
+impl From<Limits> for host::confine::VmLimits {
+    fn from(l: Limits) -> Self {
+        host::confine::VmLimits {
+            memory_max_mib: l.memory_max_mib,
+            cpus: l.cpus,
+            cpu_weight: l.cpu_weight,
+        }
+    }
 }
 
 fn one_usize() -> usize {
@@ -201,6 +230,9 @@ impl CreateInstances {
             )));
         }
         check_ttl(self.ttl_s)?;
+        host::confine::VmLimits::from(self.limits)
+            .validate()
+            .map_err(|e| ApiError::bad_request(format!("limits: {e}")))?;
         check_labels(&self.labels)
     }
 }

@@ -575,6 +575,7 @@ impl Ctx<'_> {
             detach: false,
             timeout: CLONE_TIMEOUT,
             parallel,
+            limits: Default::default(),
         }
     }
 

@@ -115,6 +115,7 @@ pub fn clone(
     parallel: usize,
     timeout: u64,
     timings: bool,
+    limits: host::confine::VmLimits,
 ) -> anyhow::Result<i32> {
     let store = Store::open_default();
     if count == 0 {
@@ -127,6 +128,7 @@ pub fn clone(
         detach,
         timeout: Duration::from_secs(timeout),
         parallel,
+        limits,
     };
     let results = host::clone::start(&store, name, count, &opts)?;
     let mut started: Vec<Started> = Vec::new();

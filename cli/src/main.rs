@@ -65,6 +65,33 @@ impl VmArgs {
     }
 }
 
+/// A clone's resource limits (its VMM's cgroup).
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub(crate) struct LimitArgs {
+    /// Memory of each clone's VMM in MiB (default: guest RAM + 64); a
+    /// clone that exceeds it is killed alone.
+    #[arg(long, value_name = "MIB")]
+    memory_max: Option<u64>,
+    /// CPU time of each clone, in cores (0.5 = half a core).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// CPU weight of each clone against the others (1-10000, default 100).
+    #[arg(long)]
+    cpu_weight: Option<u16>,
+}
+
+impl LimitArgs {
+    pub(crate) fn limits(&self) -> anyhow::Result<host::confine::VmLimits> {
+        let l = host::confine::VmLimits {
+            memory_max_mib: self.memory_max,
+            cpus: self.cpus,
+            cpu_weight: self.cpu_weight,
+        };
+        l.validate().map_err(anyhow::Error::msg)?;
+        Ok(l)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum Cmd {
     /// Boot a fresh microVM, run CMD in it, shut it down; exits with CMD's code.
@@ -106,6 +133,8 @@ pub(crate) enum Cmd {
         /// Print how long each clone took to start, on stderr.
         #[arg(long)]
         timings: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Run a command in a live clone; exits with its code.
     Exec {
@@ -295,7 +324,16 @@ fn local(cmd: Cmd) -> anyhow::Result<i32> {
             parallel,
             timeout,
             timings,
-        } => commands::clone(&name, count, detach, parallel, timeout, timings),
+            limits,
+        } => commands::clone(
+            &name,
+            count,
+            detach,
+            parallel,
+            timeout,
+            timings,
+            limits.limits()?,
+        ),
         Cmd::Exec { clone, cmd } => {
             let store = host::store::Store::open_default();
             let mut agent = host::clone::connect(&store, &clone)?;

@@ -253,7 +253,8 @@ pub fn dispatch(r: &Remote, cmd: Cmd) -> anyhow::Result<i32> {
             parallel: _,
             timeout,
             timings,
-        } => clone(r, &name, count, detach, timeout, timings),
+            limits,
+        } => clone(r, &name, count, detach, timeout, timings, limits.limits()?),
         Cmd::Exec { clone, cmd } => exec(r, &clone, &cmd),
         Cmd::Ps { json } => ps(r, json),
         Cmd::Kill { clones, all } => kill(r, clones, all),
@@ -660,6 +661,7 @@ fn clone(
     detach: bool,
     timeout: u64,
     timings: bool,
+    limits: host::confine::VmLimits,
 ) -> anyhow::Result<i32> {
     if count == 0 {
         bail!("--count must be at least 1");
@@ -673,7 +675,7 @@ fn clone(
     while left > 0 && !interrupted() {
         let n = left.min(api::types::MAX_COUNT);
         left -= n;
-        let created = match start_clones(r, name, n, Duration::from_secs(timeout)) {
+        let created = match start_clones(r, name, n, &limits, Duration::from_secs(timeout)) {
             Ok(c) => c,
             Err(e) => {
                 if !detach {
@@ -761,8 +763,14 @@ fn stop_clones(r: &Remote, ids: &[String]) {
 
 /// One `POST /v1/instances`; while every start slot is in use (429) it
 /// waits as the daemon says (Retry-After), for up to `patience`.
-fn start_clones(r: &Remote, name: &str, n: usize, patience: Duration) -> anyhow::Result<Created> {
-    let body = json!({ "master": name, "count": n });
+fn start_clones(
+    r: &Remote,
+    name: &str,
+    n: usize,
+    limits: &host::confine::VmLimits,
+    patience: Duration,
+) -> anyhow::Result<Created> {
+    let body = json!({ "master": name, "count": n, "limits": limits });
     let deadline = Instant::now() + patience;
     let mut said = false;
     loop {

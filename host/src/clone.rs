@@ -93,6 +93,8 @@ pub struct CloneOptions {
     pub timeout: Duration,
     /// How many clones to bring up at once.
     pub parallel: usize,
+    /// Each clone's cgroup limits.
+    pub limits: crate::confine::VmLimits,
 }
 
 fn random_suffix() -> String {
@@ -127,10 +129,21 @@ pub struct Ownership {
     /// The id to give it (the scheduler names its instances); `None`:
     /// `MASTER-RANDOM`. An id in use is refused.
     pub id: Option<String>,
+    /// Its cgroup limits.
+    pub limits: crate::confine::VmLimits,
 }
 
-fn spawn_one(store: &Store, master: &MasterRecord, detach: bool) -> Result<Spawned, CloneError> {
-    spawn(store, master, detach, &Ownership::default())
+fn spawn_one(
+    store: &Store,
+    master: &MasterRecord,
+    detach: bool,
+    limits: crate::confine::VmLimits,
+) -> Result<Spawned, CloneError> {
+    let owner = Ownership {
+        limits,
+        ..Ownership::default()
+    };
+    spawn(store, master, detach, &owner)
 }
 
 /// Spawns one clone of `master` (recorded in the store before this
@@ -161,6 +174,7 @@ pub fn spawn(
     let opts = SpawnOptions {
         detach,
         remove_dir_on_drop: true,
+        limits: owner.limits,
         ..Default::default()
     };
     let source = VmSource::Restore {
@@ -190,6 +204,9 @@ pub fn spawn(
 }
 
 fn exit_message(dir: &Path) -> String {
+    if let Some(reason) = crate::confine::ended_reason(dir) {
+        return reason;
+    }
     vmm::read_events(dir)
         .into_iter()
         .find_map(|e| match e {
@@ -262,7 +279,7 @@ pub fn start(
         // Spawned from this thread: a child's parent-death signal follows
         // the thread that forked it.
         let spawned: Vec<Result<Spawned, CloneError>> = (0..batch)
-            .map(|_| spawn_one(store, &master, opts.detach))
+            .map(|_| spawn_one(store, &master, opts.detach, opts.limits))
             .collect();
         let timeout = opts.timeout;
         let done: Vec<Result<Started, CloneError>> = std::thread::scope(|scope| {
@@ -387,7 +404,7 @@ pub fn spawn_burst(
     let mut spawned = Vec::with_capacity(count);
     for _ in 0..count {
         // On error the clones spawned so far are killed as their handles drop.
-        spawned.push(spawn_one(store, &master, false)?);
+        spawned.push(spawn_one(store, &master, false, Default::default())?);
     }
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline

@@ -175,6 +175,41 @@ fn shared(vmm: &Path) -> Result<&'static Shared, ConfineError> {
     Ok(SHARED.get().expect("set above"))
 }
 
+/// What a VM may use, as its request asked (each `None`: the default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VmLimits {
+    /// Memory of the VMM process in MiB (guest pages it touched, its own
+    /// heap and buffers); default: guest RAM + [`Settings::vmm_allowance_mib`].
+    /// Lower overcommits: a VM that exceeds it is killed alone.
+    pub memory_max_mib: Option<u64>,
+    /// CPU time, in cores (`cpu.max`; 0.5 = half a core).
+    pub cpus: Option<f64>,
+    /// CPU weight against other VMs (`cpu.weight`, 1-10000; 100 by default).
+    pub cpu_weight: Option<u16>,
+}
+
+impl VmLimits {
+    /// Checks the values before anything is made.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.memory_max_mib {
+            if !(16..=1 << 20).contains(&m) {
+                return Err(format!("memory limit {m} MiB is not 16-1048576"));
+            }
+        }
+        if let Some(c) = self.cpus {
+            if !(0.01..=1024.0).contains(&c) {
+                return Err(format!("cpus {c} is not 0.01-1024"));
+            }
+        }
+        if let Some(w) = self.cpu_weight {
+            if !(1..=10_000).contains(&w) {
+                return Err(format!("cpu weight {w} is not 1-10000"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a VM is, as far as its confinement goes.
 #[derive(Debug, Clone)]
 pub struct VmFiles {
@@ -184,6 +219,8 @@ pub struct VmFiles {
     pub write: Option<(PathBuf, PathBuf)>,
     /// Guest RAM, MiB (the memory limit is this plus the allowance).
     pub memory_mib: u64,
+    /// What the request asked for.
+    pub limits: VmLimits,
 }
 
 /// A VM's confinement, prepared: hand its parts to `jailer::spawn`, then
@@ -196,6 +233,8 @@ pub struct Confined {
     pub kvm: OwnedFd,
     cgroup: Option<VmCgroup>,
     memory_max: Option<u64>,
+    /// Whether the cgroup saw an OOM kill, read when it was removed.
+    oom_at_release: bool,
     uid_lease: Option<PathBuf>,
 }
 
@@ -215,9 +254,11 @@ impl Confined {
 
     /// Whether the VM's cgroup saw an out-of-memory kill.
     pub fn oom_killed(&self) -> bool {
-        self.cgroup
-            .as_ref()
-            .is_some_and(|c| c.oom_killed().unwrap_or(false))
+        self.oom_at_release
+            || self
+                .cgroup
+                .as_ref()
+                .is_some_and(|c| c.oom_killed().unwrap_or(false))
     }
 
     /// The memory limit of the VM's cgroup, if it has one.
@@ -229,6 +270,7 @@ impl Confined {
     /// VMM has ended; harmless twice.
     pub fn release(&mut self) {
         if let Some(c) = self.cgroup.take() {
+            self.oom_at_release |= c.oom_killed().unwrap_or(false);
             if let Err(e) = c.remove() {
                 tracing::warn!(cgroup = c.name(), "cannot remove a VM's cgroup: {e}");
             }
@@ -275,6 +317,7 @@ pub fn prepare(
             cgroup: None,
             uid_lease: None,
             memory_max: None,
+            oom_at_release: false,
         });
     }
     let name = dir
@@ -291,6 +334,7 @@ pub fn prepare(
         cgroup: None,
         uid_lease: Some(uid_lease),
         memory_max: None,
+        oom_at_release: false,
     };
     let root = dir.join(ROOT_DIR);
     fs::DirBuilder::new()
@@ -328,11 +372,22 @@ pub fn prepare(
         jail.binds.push(Bind::writable(host, inside));
     }
     if let Some(cgroups) = &sh.cgroups {
-        let memory_max = (files.memory_mib + settings().vmm_allowance_mib) << 20;
+        let memory_max = files
+            .limits
+            .memory_max_mib
+            .unwrap_or(files.memory_mib + settings().vmm_allowance_mib)
+            << 20;
+        let period_us = 100_000;
         let limits = Limits {
             memory_max: Some(memory_max),
+            // No swap: a VM's memory is RAM or nothing, as its limit says.
+            swap_max: Some(0),
             pids_max: Some(settings().pids_max),
-            ..Limits::default()
+            cpu_max: files.limits.cpus.map(|c| jailer::cgroup::CpuMax {
+                quota_us: ((c * period_us as f64) as u64).max(1000),
+                period_us,
+            }),
+            cpu_weight: files.limits.cpu_weight,
         };
         let cg = cgroups
             .create(&name, &limits)
@@ -470,6 +525,34 @@ pub fn release_dir(dir: &Path) {
                 let _ = vm.remove();
             }
         }
+    }
+}
+
+/// Why the VM of runtime directory `dir` ended, when its cgroup knows: it
+/// was killed for exceeding its memory limit. For a VMM started by another
+/// process (a detached clone); the spawner itself knows from its handle.
+pub fn ended_reason(dir: &Path) -> Option<String> {
+    let name = dir.file_name()?.to_str()?;
+    if !settings().jail {
+        return None;
+    }
+    let vm = Cgroups::detect(&settings().cgroup_parent)
+        .ok()?
+        .open(name)
+        .ok()?;
+    vm.oom_killed()
+        .unwrap_or(false)
+        .then(|| oom_message(vm.memory_max().ok().flatten()))
+}
+
+/// What a VM killed for its memory limit is told.
+pub fn oom_message(limit_bytes: Option<u64>) -> String {
+    match limit_bytes {
+        Some(b) => format!(
+            "the VM used more memory than its limit ({} MiB) and was killed",
+            b >> 20
+        ),
+        None => "the VM used more memory than its limit and was killed".into(),
     }
 }
 

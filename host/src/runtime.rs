@@ -334,6 +334,8 @@ pub struct InstancesRequest {
     /// The id to give the one instance asked for (`count` must be 1); an
     /// id in use, even by an ended instance still listed, is refused.
     pub id: Option<String>,
+    /// Each instance's cgroup limits.
+    pub limits: crate::confine::VmLimits,
 }
 
 /// Filters of an instance listing.
@@ -1059,6 +1061,7 @@ impl Runtime {
             labels: req.labels.clone(),
             ttl_deadline_unix_s: req.ttl.map(|d| unix_now() + d.as_secs().max(1)),
             id: req.id.clone(),
+            limits: req.limits,
         };
         let parallel = self.cfg.parallel.clamp(1, req.count.max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);

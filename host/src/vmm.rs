@@ -179,6 +179,8 @@ pub struct SpawnOptions {
     /// dropped without [`VmmProcess::release`] (VMs that belong to one
     /// command: `run`, a master being made).
     pub remove_dir_on_drop: bool,
+    /// Its cgroup limits (defaults from the guest's size).
+    pub limits: confine::VmLimits,
 }
 
 /// A VM to boot: image and shape.
@@ -355,6 +357,7 @@ impl VmmProcess {
             detach: false,
             control: spec.snapshot_dir.is_some(),
             remove_dir_on_drop: true,
+            limits: Default::default(),
         };
         VmmProcess::spawn(VmSource::Boot(spec.boot_source()), &dir, &opts).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
@@ -378,7 +381,8 @@ impl VmmProcess {
     ) -> Result<Self, VmError> {
         let vmm = paths::vmm_binary()?;
         let jailed = confine::settings().jail;
-        let (files, inside) = jail_view(&source)?;
+        let (mut files, inside) = jail_view(&source)?;
+        files.limits = opts.limits;
         let (netns, tap) = match net {
             Some(n) => (Some(n.netns), Some(n.tap)),
             None => (None, None),
@@ -576,10 +580,7 @@ impl VmmProcess {
         self.reap();
         if let Some(c) = &self.confined {
             if c.oom_killed() {
-                let mib = c.memory_limit().unwrap_or(0) >> 20;
-                return format!(
-                    "the VM used more memory than its limit ({mib} MiB: guest RAM + the VMM's allowance) and was killed"
-                );
+                return confine::oom_message(c.memory_limit());
             }
         }
         let log = std::fs::read_to_string(self.dir.join(files::VMM_LOG)).unwrap_or_default();
@@ -805,6 +806,7 @@ fn jail_view(source: &VmSource) -> Result<(VmFiles, VmSource), VmError> {
                     .as_ref()
                     .map(|d| (d.clone(), PathBuf::from(SNAPSHOT))),
                 memory_mib: b.memory_mib,
+                limits: Default::default(),
             };
             (files, VmSource::Boot(inside))
         }
@@ -820,6 +822,7 @@ fn jail_view(source: &VmSource) -> Result<(VmFiles, VmSource), VmError> {
                 read: vec![(snapshot.clone(), PathBuf::from(SNAPSHOT))],
                 write: None,
                 memory_mib: bytes.div_ceil(1 << 20),
+                limits: Default::default(),
             };
             let inside = match source {
                 VmSource::Restore { .. } => VmSource::Restore {

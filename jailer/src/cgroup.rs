@@ -600,6 +600,23 @@ impl VmCgroup {
         self.memory_stat_file("memory.peak", "memory.max_usage_in_bytes")
     }
 
+    /// The cgroup's memory limit in bytes (v2 `memory.max`, v1
+    /// `memory.limit_in_bytes`); `None` when it has none.
+    pub fn memory_max(&self) -> Result<Option<u64>> {
+        let Some((version, dir)) = self.controller_dir(Controller::Memory) else {
+            return Ok(None);
+        };
+        let file = dir.join(match version {
+            Version::V2 => "memory.max",
+            Version::V1 => "memory.limit_in_bytes",
+        });
+        let text = read(&file)?;
+        if text.trim() == "max" {
+            return Ok(None);
+        }
+        Ok(Some(parse_u64(&text, &file)?))
+    }
+
     /// The memory the cgroup uses now, in bytes.
     pub fn memory_current(&self) -> Result<Option<u64>> {
         self.memory_stat_file("memory.current", "memory.usage_in_bytes")

@@ -48,6 +48,7 @@ pub async fn create(
                 labels: req.labels,
                 ttl: req.ttl_s.map(Duration::from_secs),
                 id: None,
+                limits: req.limits.into(),
             },
         )
     })
