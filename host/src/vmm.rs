@@ -411,7 +411,9 @@ impl VmmProcess {
             seccomp: jailed,
         };
         let mut sp = jailer::Spawn::new(&vmm).args(launch.to_args());
-        sp.arg0 = Some("zygote-vmm".into());
+        // `ps` shows which VM a (jailed) VMM runs: its arguments are paths
+        // inside its jail, so argv[0] names its runtime directory.
+        sp.arg0 = Some(dir.join("zygote-vmm").into());
         for (k, v) in std::env::vars_os() {
             let key = k.to_string_lossy();
             if key.starts_with("ZYGOTE_VMM_") || key == "RUST_BACKTRACE" {
