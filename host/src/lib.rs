@@ -18,6 +18,7 @@ pub mod agent;
 pub mod clone;
 pub mod master;
 pub mod metrics;
+pub mod net;
 pub mod paths;
 pub mod procfs;
 pub mod run;
