@@ -553,7 +553,8 @@ fn hold_ports(publish: &[Publish]) -> Result<Vec<OwnedFd>, NetError> {
 impl Network {
     /// Opens the VM network of the state directory `state_dir` (the host
     /// store's root; its state goes in `state_dir/net`): turns on IPv4
-    /// forwarding, installs the firewall table if it is missing or has
+    /// forwarding, routes the pool's subnet as unreachable (each VM's
+    /// `/32` route is more specific), installs the firewall table if it is missing or has
     /// other rules, reclaims the leases of VMs that are gone, and starts
     /// the pool's refill thread. Call it from a thread in the host's
     /// network namespace.
@@ -579,10 +580,18 @@ impl Network {
             what: format!("open a {what} netlink socket"),
             source: e.into(),
         };
-        let host = HostSockets {
+        let mut host = HostSockets {
             rt: RtSocket::open().map_err(|e| nl_open("route", e))?,
             nft: NftSocket::open().map_err(|e| nl_open("nf_tables", e))?,
         };
+        // An address of the pool that no VM holds (a VM that is gone, say)
+        // is unreachable, never sent on through the host's default route.
+        host.rt
+            .add_unreachable(config.subnet.addr, config.subnet.prefix_len)
+            .map_err(|source| NetError::Netlink {
+                what: format!("add the route unreachable {}", config.subnet),
+                source,
+            })?;
         let ct = NlSocket::open(netlink_sys::constants::NETLINK_NETFILTER)
             .map_err(|e| nl_open("conntrack", e))?;
         let policy = Policy {

@@ -498,6 +498,29 @@ impl RtSocket {
         )
     }
 
+    /// Adds (or replaces) `unreachable dst/prefix_len` to the main table:
+    /// what has no more specific route is refused, not sent on through
+    /// the default route.
+    pub fn add_unreachable(&mut self, dst: Ipv4Addr, prefix_len: u8) -> Result<(), NlError> {
+        let mut msg = Self::route(dst, prefix_len, None);
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unreachable;
+        self.call(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+            |_| {},
+        )
+    }
+
+    /// Deletes `unreachable dst/prefix_len`.
+    #[cfg(test)]
+    pub fn del_unreachable(&mut self, dst: Ipv4Addr, prefix_len: u8) -> Result<(), NlError> {
+        let mut msg = Self::route(dst, prefix_len, None);
+        msg.header.scope = RouteScope::NoWhere;
+        msg.header.kind = RouteType::Unreachable;
+        self.call(RouteNetlinkMessage::DelRoute(msg), 0, |_| {})
+    }
+
     /// Deletes route `dst/prefix_len` (through `oif` if given) that zygote
     /// added; a route already gone is not an error.
     pub fn del_route(

@@ -49,14 +49,16 @@ fn open(n: u8, pool_size: usize) -> (Network, tempfile::TempDir) {
     (net, dir)
 }
 
-/// Removes a test's table (the tables outlive the tests otherwise).
-struct DropTable(String);
-impl Drop for DropTable {
+/// Removes what a test's network leaves on the host on purpose (its
+/// table and its subnet's unreachable route outlive a `Network`).
+struct Cleanup(NetConfig);
+impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::process::Command::new("nft")
-            .args(["delete", "table", "inet", &self.0])
+            .args(["delete", "table", "inet", &self.0.table])
             .stderr(std::process::Stdio::null())
             .status();
+        let _ = host_rt().del_unreachable(self.0.subnet.addr, self.0.subnet.prefix_len);
     }
 }
 
@@ -195,7 +197,7 @@ fn published_ports_and_networks_parse() {
 #[test]
 fn slots_exist_while_held_and_vanish_when_dropped() {
     let (net, _dir) = open(1, 1);
-    let _t = DropTable(net.config().table.clone());
+    let _t = Cleanup(net.config().clone());
     assert!(
         net.wait_pool_ready(1, Duration::from_secs(20)),
         "the pool filled"
@@ -261,7 +263,7 @@ fn slots_exist_while_held_and_vanish_when_dropped() {
 #[test]
 fn the_pool_refills_in_the_background() {
     let (net, _dir) = open(2, 3);
-    let _t = DropTable(net.config().table.clone());
+    let _t = Cleanup(net.config().clone());
     assert!(net.wait_pool_ready(3, Duration::from_secs(30)));
     let slots: Vec<NetSlot> = (0..3).map(|_| net.take_slot().unwrap()).collect();
     assert!(net.wait_pool_ready(3, Duration::from_secs(30)), "refilled");
@@ -278,7 +280,7 @@ fn the_pool_refills_in_the_background() {
 
     // Without a pool a slot is made when it is taken.
     let (net, _dir) = open(3, 0);
-    let _t = DropTable(net.config().table.clone());
+    let _t = Cleanup(net.config().clone());
     let slot = net.take_slot().unwrap();
     assert!(host_rt().link_index(&slot.host_if).unwrap().is_some());
     let s = net.pool_stats();
@@ -289,7 +291,7 @@ fn the_pool_refills_in_the_background() {
 fn the_table_is_installed_once_and_elements_follow_attach_and_detach() {
     let (net, dir) = open(4, 0);
     let t = net.config().table.clone();
-    let _t = DropTable(t.clone());
+    let _t = Cleanup(net.config().clone());
     let handle = |text: &str| text.lines().next().unwrap().to_string();
     let first = nft_list(&["-a", "list", "table", "inet", &t]);
     assert!(
@@ -367,7 +369,7 @@ fn the_table_is_installed_once_and_elements_follow_attach_and_detach() {
 fn a_published_port_collision_is_refused_and_leaves_nothing() {
     let (net, _dir) = open(5, 0);
     let t = net.config().table.clone();
-    let _t = DropTable(t.clone());
+    let _t = Cleanup(net.config().clone());
     let mut a = net.take_slot().unwrap();
     let mut b = net.take_slot().unwrap();
     let pa = AttachOptions {
@@ -437,7 +439,7 @@ fn a_published_port_collision_is_refused_and_leaves_nothing() {
 fn a_lease_whose_vmm_is_killed_is_swept() {
     let (net, _dir) = open(6, 0);
     let t = net.config().table.clone();
-    let _t = DropTable(t.clone());
+    let _t = Cleanup(net.config().clone());
     let mut slot = net.take_slot().unwrap();
     // A stand-in VMM.
     let mut vmm = std::process::Command::new("sleep")
@@ -674,7 +676,7 @@ fn refused(r: std::io::Result<String>) -> bool {
 #[test]
 fn published_ports_egress_and_isolation_with_real_traffic() {
     let (net, _dir) = open(7, 0);
-    let _t = DropTable(net.config().table.clone());
+    let _t = Cleanup(net.config().clone());
     let out = Outside::new(7);
 
     let attach = |id: &str, tenant: &str, opts: AttachOptions| {
@@ -735,6 +737,14 @@ fn published_ports_egress_and_isolation_with_real_traffic() {
         s.send_to(b"ping", (Ipv4Addr::LOCALHOST, 18702)).unwrap();
     });
     assert_eq!(got.map(|g| g.0).as_deref(), Some("ping"));
+    // An address of the pool that no VM holds is unreachable at once,
+    // not sent on through the host's default route.
+    let e = TcpStream::connect_timeout(
+        &sa(Ipv4Addr::new(10, 207, 9, 9), 80),
+        Duration::from_secs(3),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::HostUnreachable, "{e}");
     // The host reaches a guest directly.
     assert!(fetch(sa(a3.address, 82)).unwrap().starts_with("a3 "));
 
@@ -819,7 +829,7 @@ fn published_ports_egress_and_isolation_with_real_traffic() {
 #[ignore = "a measurement, run by hand"]
 fn measure() {
     let (net, _dir) = open(8, 4);
-    let _t = DropTable(net.config().table.clone());
+    let _t = Cleanup(net.config().clone());
     let opts = AttachOptions {
         egress: true,
         peers: true,
