@@ -20,7 +20,7 @@ as_root() {
 # Debian enables an etcd.service on install; zygote never uses it.
 ZYGOTE_DEB_PACKAGES=(
     linux-source-6.1 build-essential flex bison bc libelf-dev cpio xz-utils
-    busybox-static iproute2 python3
+    busybox-static iproute2 python3 nftables
     protobuf-compiler libprotobuf-dev etcd-server
 )
 # What only the test suite adds: the benchmarks' QEMU peer, which a unit

@@ -19,6 +19,7 @@ pub mod clone;
 pub mod confine;
 pub mod master;
 pub mod metrics;
+pub mod net;
 pub mod paths;
 pub mod procfs;
 pub mod run;
