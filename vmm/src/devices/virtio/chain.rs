@@ -9,7 +9,7 @@
 //! wrote: a malformed chain is an error, a corrupted ring flags the device
 //! as needing a reset ([`RingError`]), and a chain that refers to an
 //! indirect table, which no device here offers, is refused before it is
-//! walked ([`Popped::buffers`]).
+//! walked (`Popped::buffers`).
 
 use std::num::Wrapping;
 use std::ops::Deref;
