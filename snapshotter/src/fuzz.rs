@@ -198,7 +198,11 @@ fn the_state_survives_editing_the_manifest_as_a_value() {
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
-        cases,
+        // PROPTEST_CASES, when set, runs that many instead (a deeper run).
+        cases: match std::env::var_os("PROPTEST_CASES") {
+            Some(_) => ProptestConfig::default().cases,
+            None => cases,
+        },
         failure_persistence: None,
         ..ProptestConfig::default()
     }

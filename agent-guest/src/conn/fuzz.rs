@@ -238,7 +238,11 @@ fn serve_stream(stream: Vec<u8>, cuts: Vec<usize>) -> (Vec<AgentFrame>, usize) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 96,
+        // PROPTEST_CASES, when set, runs that many instead (a deeper run).
+        cases: match std::env::var_os("PROPTEST_CASES") {
+            Some(_) => ProptestConfig::default().cases,
+            None => 96,
+        },
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

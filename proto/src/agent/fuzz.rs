@@ -286,7 +286,11 @@ fn kind_of(e: &ProtoError) -> String {
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
-        cases,
+        // PROPTEST_CASES, when set, runs that many instead (a deeper run).
+        cases: match std::env::var_os("PROPTEST_CASES") {
+            Some(_) => ProptestConfig::default().cases,
+            None => cases,
+        },
         failure_persistence: None,
         ..ProptestConfig::default()
     }

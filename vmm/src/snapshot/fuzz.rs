@@ -261,11 +261,7 @@ fn the_unedited_state_reads_back() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 64,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(crate::devices::virtio::ring_fuzz::config(64))]
 
     #[test]
     fn edited_states_are_read_or_refused(

@@ -7,10 +7,12 @@
 //!
 //! [`walk`] follows the virtio spec as virtio-queue implements it (a chain
 //! ends after `queue size` descriptors, at an index outside its table, at
-//! an unreadable descriptor, at 4 GiB in total; an indirect descriptor
-//! switches to its table once) and [`super::chain::ChainBuffers`]'s rules
-//! (one direction, every non-empty buffer inside guest memory, no dangling
-//! NEXT). It must stay independent of that code: a test compares the two.
+//! an unreadable descriptor, at 4 GiB in total), this VMM's devices' rule
+//! that a chain must not refer to an indirect table (they do not offer
+//! `VIRTIO_RING_F_INDIRECT_DESC`) and [`super::chain::ChainBuffers`]'s
+//! rules (one direction, every non-empty buffer inside guest memory, no
+//! dangling NEXT). It must stay independent of that code: a test compares
+//! the two.
 //! Test code only.
 
 use std::ops::Range;
@@ -396,7 +398,8 @@ fn read_desc(mem: &GuestMemoryMmap, at: u64) -> Option<(u64, u32, u16, u16)> {
 
 /// The model: what the chain at `head` of the table at `desc_table` (of
 /// `size` entries) is, for a device that wants writable (`writable`) or
-/// readable buffers.
+/// readable buffers. No device here offers indirect tables: a chain that
+/// refers to one is malformed.
 pub fn walk(
     mem: &GuestMemoryMmap,
     desc_table: u64,
@@ -404,39 +407,28 @@ pub fn walk(
     head: u16,
     writable: bool,
 ) -> Verdict {
-    let mut table = desc_table;
-    let mut table_size = size;
     let mut next = head;
     let mut ttl = size;
     let mut total: u32 = 0;
-    let mut in_indirect = false;
     let mut count = 0usize;
     let mut dangling = false;
     let mut segs = Vec::new();
     loop {
-        if ttl == 0 || next >= table_size {
+        if ttl == 0 || next >= size {
             break;
         }
-        let Some(at) = table.checked_add(16 * u64::from(next)) else {
+        let Some(at) = desc_table.checked_add(16 * u64::from(next)) else {
             break;
         };
         let Some((addr, len, flags, nxt)) = read_desc(mem, at) else {
             break;
         };
         if flags & DESC_INDIRECT != 0 {
-            // Once, from the main table, to a table of whole descriptors.
-            if in_indirect || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
-                break;
-            }
-            table = addr;
-            table_size = (len / 16) as u16;
-            next = 0;
-            ttl = table_size;
-            in_indirect = true;
-            continue;
+            return Verdict::Invalid;
         }
         let Some(t) = total.checked_add(len) else {
-            break;
+            // More than 4 GiB: the chain ends here, dangling.
+            return Verdict::Invalid;
         };
         total = t;
         if flags & DESC_NEXT != 0 {
@@ -484,11 +476,16 @@ pub fn read_chain(mem: &GuestMemoryMmap, segs: &[(u64, usize)], n: usize) -> Vec
     out
 }
 
-/// Proptest settings of the device queue tests: a fixed number of cases,
-/// no regression files (failures are turned into named tests).
+/// Proptest settings of the VMM's randomized tests: a fixed number of
+/// cases (`PROPTEST_CASES` overrides it, for a deeper run), no regression
+/// files (failures are turned into named tests).
 pub fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
-        cases,
+        // PROPTEST_CASES, when set, runs that many instead (a deeper run).
+        cases: match std::env::var_os("PROPTEST_CASES") {
+            Some(_) => ProptestConfig::default().cases,
+            None => cases,
+        },
         failure_persistence: None,
         ..ProptestConfig::default()
     }

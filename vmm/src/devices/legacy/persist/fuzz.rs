@@ -50,11 +50,7 @@ fn state() -> impl Strategy<Value = SerialState> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 128,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(crate::devices::virtio::ring_fuzz::config(128))]
 
     #[test]
     fn any_serial_state_restores_exactly_or_is_refused(

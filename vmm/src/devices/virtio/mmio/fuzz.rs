@@ -85,11 +85,7 @@ fn r32(t: &mut MmioTransport, off: u64) -> u32 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 128,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(crate::devices::virtio::ring_fuzz::config(128))]
 
     #[test]
     fn any_register_access_sequence_is_safe(

@@ -265,11 +265,7 @@ fn sock_path() -> std::path::PathBuf {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 128,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(crate::devices::virtio::ring_fuzz::config(128))]
 
     #[test]
     fn any_device_state_restores_or_is_refused(

@@ -136,7 +136,8 @@ impl Rng {
                 };
                 popped = true;
                 let head = c.head_index();
-                let served = ChainBuffers::from_chain(c, Direction::DeviceWritable)
+                let served = c
+                    .buffers(Direction::DeviceWritable)
                     .and_then(|bufs| Self::serve(mem, &mut self.scratch, &bufs));
                 let len = served.unwrap_or_else(|e| {
                     warn_limited!("virtio-rng: dropping malformed request: {e}");
@@ -308,6 +309,43 @@ mod tests {
         rng.process_queue(0);
         assert_eq!(dq.pop_used(), Some((head, 8)));
         assert_eq!(rng.rejected().count, 5);
+    }
+
+    /// Regression: 256 chains through one indirect table of 65 535
+    /// descriptors, which the device never offered, were served, one kick
+    /// costing 0.8 s of the event loop (release build). They are refused.
+    #[test]
+    fn indirect_tables_are_refused_not_followed() {
+        use crate::devices::virtio::ring_fuzz::DESC_INDIRECT;
+        let m = mem();
+        let table = 0x20_0000u64;
+        let n = 65_535u64;
+        let mut raw = Vec::with_capacity(16 * n as usize);
+        for i in 0..n {
+            let flags = DESC_WRITE | if i + 1 < n { DESC_NEXT } else { 0 };
+            let d = desc(0x10_0000 + i % 4096, 1, flags, (i + 1) as u16);
+            raw.extend_from_slice(vm_memory::ByteValued::as_slice(&d));
+        }
+        m.write_slice(&raw, GuestAddress(table)).unwrap();
+        let mut dq = DriverQueue::new(&m, 0x1000, 256);
+        let irq = Interrupt::new().unwrap();
+        let mut rng = Rng::new();
+        rng.activate(m.clone(), vec![dq.create_queue()], irq.clone())
+            .unwrap();
+        for i in 0..256u16 {
+            dq.add_raw(&[(i, desc(table, (16 * n) as u32, DESC_INDIRECT, 0))], i);
+        }
+        rng.process_queue(0);
+        let used: Vec<_> = std::iter::from_fn(|| dq.pop_used()).collect();
+        assert_eq!(used.len(), 256);
+        assert!(used.iter().all(|&(_, len)| len == 0), "{used:?}");
+        let rejected = rng.rejected();
+        assert_eq!(rejected.count, 256);
+        assert_eq!(
+            rejected.last.as_deref(),
+            Some("malformed request: the chain refers to an indirect descriptor table, which this device does not offer")
+        );
+        assert!(!irq.needs_reset());
     }
 
     #[test]

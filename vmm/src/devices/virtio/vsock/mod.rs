@@ -200,7 +200,8 @@ impl Vsock {
                 };
                 popped = true;
                 let head = c.head_index();
-                let res = ChainBuffers::from_chain(c, Direction::DeviceReadable)
+                let res = c
+                    .buffers(Direction::DeviceReadable)
                     .map_err(TxError::from)
                     .and_then(|bufs| {
                         Self::handle_tx_chain(
@@ -267,7 +268,7 @@ impl Vsock {
             };
             retries = 0;
             let head = c.head_index();
-            let refused = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
+            let refused = match c.buffers(Direction::DeviceWritable) {
                 Ok(b) if b.len() >= HDR_SIZE => Ok(b),
                 Ok(b) => Err(Rejection::RxTooSmall(b.len())),
                 Err(e) => Err(Rejection::RxBuffer(e)),
@@ -431,7 +432,7 @@ impl VirtioDevice for Vsock {
         };
         let head = c.head_index();
         let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
-        let len = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
+        let len = match c.buffers(Direction::DeviceWritable) {
             Ok(b) if b.len() >= event.len() => b.write_at(mem, 0, &event).unwrap_or(0),
             Ok(b) => {
                 Rejection::EventTooSmall(b.len()).count(rejected);
