@@ -243,7 +243,16 @@ pub(crate) struct Popped<'a> {
     indirect: bool,
 }
 
-impl Popped<'_> {
+impl<'a> Popped<'a> {
+    /// The chain itself, for a device that walks it on its own (net's
+    /// scatter-gather I/O), or [`DescriptorError::Indirect`].
+    pub(crate) fn direct(self) -> Result<DescriptorChain<&'a GuestMemoryMmap>, DescriptorError> {
+        if self.indirect {
+            return Err(DescriptorError::Indirect);
+        }
+        Ok(self.chain)
+    }
+
     /// The chain's head index (what goes into the used ring).
     pub(crate) fn head_index(&self) -> u16 {
         self.chain.head_index()
@@ -322,23 +331,6 @@ pub(crate) fn try_pop_chain<'a>(
     Err(fault)
 }
 
-/// [`try_pop_chain`] for a caller that does not count ring faults: `None`
-/// also when the ring is corrupted (the device then needs a reset). Kept
-/// for device models written against it; rng and vsock count their faults
-/// and refuse indirect tables ([`Popped::buffers`]), which this chain
-/// follows.
-#[allow(dead_code)]
-pub(crate) fn pop_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-    irq: &Interrupt,
-) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
-    try_pop_chain(queue, mem, irq)
-        .ok()
-        .flatten()
-        .map(|p| p.chain)
-}
-
 /// Puts a chain into the used ring. Fails if the used ring is unusable (the
 /// device is then flagged as needing a reset). A head index outside the
 /// queue (which the guest put into the available ring) cannot be returned
@@ -365,7 +357,6 @@ pub(crate) fn try_add_used(
 
 /// [`try_add_used`] for a caller that does not count ring faults: `false`
 /// if the used ring is unusable. Kept for device models written against it.
-#[allow(dead_code)]
 pub(crate) fn add_used(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -653,6 +644,6 @@ mod tests {
             })
         ));
         assert!(irq.needs_reset());
-        assert!(pop_chain(&mut q, &m, &irq).is_none());
+        assert!(try_pop_chain(&mut q, &m, &irq).is_err(), "still refused");
     }
 }

@@ -346,10 +346,13 @@ impl Net {
         let mut idle_rounds = 0;
         loop {
             let mut popped = false;
-            while let Some(c) = chain::pop_chain(txq, mem, irq) {
+            while let Some(p) = chain::try_pop_chain(txq, mem, irq).ok().flatten() {
                 popped = true;
-                let head = c.head_index();
-                let sent = send_tx_chain(c, mem, tap.as_ref(), &mut tx_iov.0, *acked_features);
+                let head = p.head_index();
+                let sent = match p.direct() {
+                    Ok(c) => send_tx_chain(c, mem, tap.as_ref(), &mut tx_iov.0, *acked_features),
+                    Err(e) => Err(TxError::Descriptor(e)),
+                };
                 tx_iov.0.clear();
                 match sent {
                     Ok(Some(len)) => {
@@ -561,11 +564,14 @@ enum Next {
 impl RxRing<'_> {
     /// Pops the next RX buffer and checks it.
     fn next_buffer(&mut self) -> Next {
-        let Some(c) = chain::pop_chain(self.queue, self.mem, self.irq) else {
+        let Some(p) = chain::try_pop_chain(self.queue, self.mem, self.irq)
+            .ok()
+            .flatten()
+        else {
             return Next::Empty;
         };
-        let head = c.head_index();
-        let reason = match ChainBuffers::from_chain(c, Direction::DeviceWritable) {
+        let head = p.head_index();
+        let reason = match p.buffers(Direction::DeviceWritable) {
             Ok(b) if b.len() >= VNET_HDR_LEN => return Next::Buffer(head, b),
             Ok(b) => format!("an RX buffer of {} bytes cannot hold the header", b.len()),
             Err(e) => format!("a malformed RX buffer: {e}"),
