@@ -471,6 +471,7 @@ impl Agent {
                     warmup: m.spec.warmup.clone(),
                     warmup_timeout: WARMUP_TIMEOUT,
                     labels: BTreeMap::new(),
+                    net: None,
                 };
                 tracing::info!(master = %key, "this host was chosen to make the master: booting it");
                 if let Err(e) = self.rt.create_master(&t, req) {
@@ -515,6 +516,7 @@ impl Agent {
             let (_, name) = scheduler::service::split_key(&i.master);
             let req = InstancesRequest {
                 limits: Default::default(),
+                net: Default::default(),
                 master: name.to_string(),
                 count: 1,
                 labels: BTreeMap::from([

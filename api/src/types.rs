@@ -41,6 +41,13 @@ pub struct CreateMaster {
     /// Labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Give it a network device, so that its clones get networks of their
+    /// own (its warm-up gets one too).
+    #[serde(default)]
+    pub net: bool,
+    /// Its warm-up may reach beyond the host (with `net`).
+    #[serde(default)]
+    pub egress: bool,
 }
 
 fn default_memory() -> u64 {
@@ -188,6 +195,64 @@ pub struct CreateInstances {
     /// Each clone's resource limits (its VMM's cgroup).
     #[serde(default)]
     pub limits: Limits,
+    /// Host ports forwarded to each clone (one clone per request when any
+    /// is given: a host port goes to one VM). Its master needs `net`.
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    /// Each clone may reach beyond the host (masqueraded).
+    #[serde(default)]
+    pub egress: bool,
+    /// Each clone may reach its tenant's other clones that asked for peers.
+    #[serde(default)]
+    pub peers: bool,
+    /// Give each clone of a master with a NIC a network (false: the link
+    /// stays down).
+    #[serde(default = "yes")]
+    pub net: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A published port: connections to `host_port` on the host's addresses
+/// (`localhost` too) reach `guest_port` in the clone.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    /// The host's port.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub host_port: u16,
+    /// The clone's port.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub guest_port: u16,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+/// A published port's protocol.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl From<Port> for host::net::Publish {
+    fn from(p: Port) -> Self {
+        host::net::Publish {
+            host_port: p.host_port,
+            guest_port: p.guest_port,
+            protocol: match p.protocol {
+                PortProtocol::Tcp => host::net::Protocol::Tcp,
+                PortProtocol::Udp => host::net::Protocol::Udp,
+            },
+        }
+    }
 }
 
 /// A clone's resource limits; each absent one takes the host's default.
@@ -230,6 +295,22 @@ impl CreateInstances {
             )));
         }
         check_ttl(self.ttl_s)?;
+        if !self.ports.is_empty() && self.count != 1 {
+            return Err(ApiError::bad_request(format!(
+                "ports go to one clone: ask for count 1 (got {})",
+                self.count
+            )));
+        }
+        if let Some(p) = self
+            .ports
+            .iter()
+            .find(|p| p.host_port == 0 || p.guest_port == 0)
+        {
+            return Err(ApiError::bad_request(format!(
+                "port 0 cannot be published ({}:{})",
+                p.host_port, p.guest_port
+            )));
+        }
         host::confine::VmLimits::from(self.limits)
             .validate()
             .map_err(|e| ApiError::bad_request(format!("limits: {e}")))?;

@@ -272,6 +272,7 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
                 timeout: Duration::from_secs(120),
                 parallel: 1,
                 limits: Default::default(),
+                net: Default::default(),
             };
             let r = host::clone::start(&s2, "bench", 1, &opts);
             (t0.elapsed(), r, s2)

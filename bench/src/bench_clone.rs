@@ -576,6 +576,7 @@ impl Ctx<'_> {
             timeout: CLONE_TIMEOUT,
             parallel,
             limits: Default::default(),
+            net: Default::default(),
         }
     }
 
@@ -598,6 +599,7 @@ impl Ctx<'_> {
             tenant: None,
             display_name: None,
             labels: Default::default(),
+            net: None,
         };
         let store = self.ws.store.clone();
         let progress = &mut *self.progress;

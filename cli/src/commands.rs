@@ -21,8 +21,14 @@ pub fn master(what: MasterCmd) -> anyhow::Result<i32> {
             warmup,
             warmup_timeout,
             console,
+            net,
+            egress,
         } => {
             let opts = host::master::CreateOptions {
+                net: net.then(|| host::vmnet::NetRequest {
+                    egress,
+                    ..Default::default()
+                }),
                 name,
                 spec: vm.spec(console)?,
                 warmup,
@@ -108,28 +114,15 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-pub fn clone(
-    name: &str,
-    count: usize,
-    detach: bool,
-    parallel: usize,
-    timeout: u64,
-    timings: bool,
-    limits: host::confine::VmLimits,
-) -> anyhow::Result<i32> {
+pub fn clone(name: &str, count: usize, opts: CloneOptions, timings: bool) -> anyhow::Result<i32> {
     let store = Store::open_default();
     if count == 0 {
         bail!("--count must be at least 1");
     }
+    let detach = opts.detach;
     if !detach {
         catch_interrupts();
     }
-    let opts = CloneOptions {
-        detach,
-        timeout: Duration::from_secs(timeout),
-        parallel,
-        limits,
-    };
     let results = host::clone::start(&store, name, count, &opts)?;
     let mut started: Vec<Started> = Vec::new();
     let mut failed = 0;

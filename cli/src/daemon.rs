@@ -196,6 +196,8 @@ pub(crate) fn init_logging(format: &str) {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
     init_logging(&a.log_format);
+    // Network slots kept ready for clones of masters with a NIC.
+    host::vmnet::configure_pool(4);
     if !(a.memory_ratio > 0.0 && a.memory_ratio <= 100.0) {
         bail!("--memory-ratio must be in (0, 100]");
     }

@@ -65,6 +65,45 @@ impl VmArgs {
     }
 }
 
+/// A clone's network (its master needs `--net`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct NetArgs {
+    /// Forward host port HOSTPORT (on every host address, localhost too)
+    /// to GUESTPORT in the clone: HOSTPORT:GUESTPORT[/tcp|/udp]. Repeatable;
+    /// with --count 1 only.
+    #[arg(long, value_name = "HOSTPORT:GUESTPORT")]
+    publish: Vec<String>,
+    /// Let the clone reach beyond the host (masqueraded).
+    #[arg(long)]
+    egress: bool,
+    /// Let the clone reach (and be reached by) the other clones that asked
+    /// for peers.
+    #[arg(long)]
+    peers: bool,
+    /// No network for the clone (its NIC's link stays down).
+    #[arg(long, conflicts_with_all = ["publish", "egress", "peers"])]
+    no_net: bool,
+}
+
+impl NetArgs {
+    pub(crate) fn request(&self, count: usize) -> anyhow::Result<host::vmnet::NetRequest> {
+        let publish = self
+            .publish
+            .iter()
+            .map(|p| p.parse::<host::net::Publish>())
+            .collect::<Result<Vec<_>, _>>()?;
+        if !publish.is_empty() && count != 1 {
+            anyhow::bail!("--publish gives a host port to one clone: use --count 1");
+        }
+        Ok(host::vmnet::NetRequest {
+            disabled: self.no_net,
+            egress: self.egress,
+            publish,
+            peers: self.peers,
+        })
+    }
+}
+
 /// A clone's resource limits (its VMM's cgroup).
 #[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub(crate) struct LimitArgs {
@@ -135,6 +174,8 @@ pub(crate) enum Cmd {
         timings: bool,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Run a command in a live clone; exits with its code.
     Exec {
@@ -209,6 +250,14 @@ pub(crate) enum MasterCmd {
         /// Also show the guest's serial console on stderr.
         #[arg(long)]
         console: bool,
+        /// Give it a network device: its clones then each get a network of
+        /// their own (MAC, address, published ports); its warm-up gets one
+        /// too.
+        #[arg(long)]
+        net: bool,
+        /// Let its warm-up reach beyond the host (with --net).
+        #[arg(long, requires = "net")]
+        egress: bool,
     },
     /// List masters.
     Ls {
@@ -325,14 +374,18 @@ fn local(cmd: Cmd) -> anyhow::Result<i32> {
             timeout,
             timings,
             limits,
+            net,
         } => commands::clone(
             &name,
             count,
-            detach,
-            parallel,
-            timeout,
+            host::clone::CloneOptions {
+                detach,
+                timeout: Duration::from_secs(timeout),
+                parallel,
+                limits: limits.limits()?,
+                net: net.request(count)?,
+            },
             timings,
-            limits.limits()?,
         ),
         Cmd::Exec { clone, cmd } => {
             let store = host::store::Store::open_default();

@@ -254,7 +254,20 @@ pub fn dispatch(r: &Remote, cmd: Cmd) -> anyhow::Result<i32> {
             timeout,
             timings,
             limits,
-        } => clone(r, &name, count, detach, timeout, timings, limits.limits()?),
+            net,
+        } => clone(
+            r,
+            &name,
+            count,
+            host::clone::CloneOptions {
+                detach,
+                timeout: Duration::from_secs(timeout),
+                parallel: 1,
+                limits: limits.limits()?,
+                net: net.request(count)?,
+            },
+            timings,
+        ),
         Cmd::Exec { clone, cmd } => exec(r, &clone, &cmd),
         Cmd::Ps { json } => ps(r, json),
         Cmd::Kill { clones, all } => kill(r, clones, all),
@@ -417,6 +430,8 @@ fn master(r: &Remote, what: MasterCmd) -> anyhow::Result<i32> {
             warmup,
             warmup_timeout,
             console,
+            net,
+            egress,
         } => {
             if vm.kernel.is_some() || vm.rootfs.is_some() {
                 bail!(
@@ -433,6 +448,8 @@ fn master(r: &Remote, what: MasterCmd) -> anyhow::Result<i32> {
                 "vcpus": vm.vcpus,
                 "warmup": warmup,
                 "warmup_timeout_s": warmup_timeout,
+                "net": net,
+                "egress": egress,
             });
             master_create(r, &name, &body, warmup.as_deref())
         }
@@ -658,11 +675,16 @@ fn clone(
     r: &Remote,
     name: &str,
     count: usize,
-    detach: bool,
-    timeout: u64,
+    opts: host::clone::CloneOptions,
     timings: bool,
-    limits: host::confine::VmLimits,
 ) -> anyhow::Result<i32> {
+    let host::clone::CloneOptions {
+        detach,
+        timeout,
+        limits,
+        net,
+        ..
+    } = opts;
     if count == 0 {
         bail!("--count must be at least 1");
     }
@@ -675,7 +697,7 @@ fn clone(
     while left > 0 && !interrupted() {
         let n = left.min(api::types::MAX_COUNT);
         left -= n;
-        let created = match start_clones(r, name, n, &limits, Duration::from_secs(timeout)) {
+        let created = match start_clones(r, name, n, &limits, &net, timeout) {
             Ok(c) => c,
             Err(e) => {
                 if !detach {
@@ -768,9 +790,18 @@ fn start_clones(
     name: &str,
     n: usize,
     limits: &host::confine::VmLimits,
+    net: &host::vmnet::NetRequest,
     patience: Duration,
 ) -> anyhow::Result<Created> {
-    let body = json!({ "master": name, "count": n, "limits": limits });
+    let body = json!({
+        "master": name,
+        "count": n,
+        "limits": limits,
+        "net": !net.disabled,
+        "egress": net.egress,
+        "peers": net.peers,
+        "ports": net.publish,
+    });
     let deadline = Instant::now() + patience;
     let mut said = false;
     loop {

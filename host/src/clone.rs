@@ -54,6 +54,9 @@ pub enum CloneError {
     /// The clone is not running.
     #[error("clone {0} is not running (see `zygote ps`; `zygote kill {0}` removes it)")]
     NotRunning(String),
+    /// Its network could not be set up.
+    #[error("the clone's network: {0}")]
+    Net(#[from] Box<crate::vmnet::VmNetError>),
 }
 
 /// A clone that answered.
@@ -65,6 +68,8 @@ pub struct Started {
     pub vmm: VmmProcess,
     /// The connection the ping went over (open, ready for requests).
     pub agent: AgentClient,
+    /// Its network (holds its published ports while the handle lives).
+    pub net: Option<crate::net::Attachment>,
 }
 
 impl Started {
@@ -95,6 +100,8 @@ pub struct CloneOptions {
     pub parallel: usize,
     /// Each clone's cgroup limits.
     pub limits: crate::confine::VmLimits,
+    /// Each clone's network.
+    pub net: crate::vmnet::NetRequest,
 }
 
 fn random_suffix() -> String {
@@ -115,6 +122,8 @@ pub struct Spawned {
     pub id: String,
     /// Its VMM.
     pub vmm: VmmProcess,
+    /// Its network, attached (its identity goes to the agent).
+    pub net: Option<crate::net::Attachment>,
 }
 
 /// Who owns a clone and what it carries (daemon clones).
@@ -131,6 +140,8 @@ pub struct Ownership {
     pub id: Option<String>,
     /// Its cgroup limits.
     pub limits: crate::confine::VmLimits,
+    /// Its network.
+    pub net: crate::vmnet::NetRequest,
 }
 
 fn spawn_one(
@@ -138,9 +149,11 @@ fn spawn_one(
     master: &MasterRecord,
     detach: bool,
     limits: crate::confine::VmLimits,
+    net: &crate::vmnet::NetRequest,
 ) -> Result<Spawned, CloneError> {
     let owner = Ownership {
         limits,
+        net: net.clone(),
         ..Ownership::default()
     };
     spawn(store, master, detach, &owner)
@@ -180,12 +193,45 @@ pub fn spawn(
     let source = VmSource::Restore {
         snapshot: master.snapshot.clone(),
     };
-    let vmm = match VmmProcess::spawn(source, &dir, &opts) {
+    if !master.net && owner.net.wants_network() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(Box::new(crate::vmnet::VmNetError::NoNic(master.name.clone())).into());
+    }
+    let mut net = None;
+    if master.net && !owner.net.disabled {
+        match crate::vmnet::VmNet::take() {
+            Ok(n) => net = Some(n),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(Box::new(e).into());
+            }
+        }
+    }
+    let fds = match net.as_ref().map(|n| n.fds()).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(Box::new(e).into());
+        }
+    };
+    let vmm = match VmmProcess::spawn_with_net(source, &dir, &opts, fds) {
         Ok(v) => v,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
+    };
+    // On error from here the handle's drop kills the VMM and removes the
+    // directory; an address already leased is released.
+    let attachment = match net {
+        Some(mut n) => {
+            if let Err(e) = n.attach(&id, owner.tenant.as_deref(), &owner.net, vmm.pid()) {
+                crate::vmnet::release(&id);
+                return Err(Box::new(e).into());
+            }
+            n.finish()
+        }
+        None => None,
     };
     let rec = CloneRecord {
         version: RECORD_VERSION,
@@ -199,8 +245,15 @@ pub fn spawn(
         ttl_deadline_unix_s: owner.ttl_deadline_unix_s,
     };
     // On error the handle's drop kills the VMM and removes the directory.
-    crate::store::write_record(&dir.join("clone.json"), &rec)?;
-    Ok(Spawned { id, vmm })
+    if let Err(e) = crate::store::write_record(&dir.join("clone.json"), &rec) {
+        crate::vmnet::release(&id);
+        return Err(e.into());
+    }
+    Ok(Spawned {
+        id,
+        vmm,
+        net: attachment,
+    })
 }
 
 fn exit_message(dir: &Path) -> String {
@@ -228,7 +281,8 @@ fn exit_message(dir: &Path) -> String {
 /// Waits for the spawned clone's agent, gives it its identity, pings it,
 /// all within `timeout`.
 pub fn handshake(s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
-    let Spawned { id, mut vmm } = s;
+    let Spawned { id, mut vmm, net } = s;
+    let net_identity = net.as_ref().map(|a| a.identity.clone());
     let deadline = Instant::now() + timeout;
     let uds = vmm.vsock_path();
     let mut last = String::from("no vsock socket yet");
@@ -242,7 +296,12 @@ pub fn handshake(s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
         }
         if uds.exists() {
             let left = deadline.saturating_duration_since(Instant::now());
-            match AgentClient::connect_identified(&uds, || fresh_identity(&id, &id), left) {
+            let identity = || {
+                let mut i = fresh_identity(&id, &id)?;
+                i.net = net_identity.clone();
+                Ok(i)
+            };
+            match AgentClient::connect_identified(&uds, identity, left) {
                 Ok(r) => break r,
                 // The agent refused the identity, or no entropy could be
                 // read: no point in retrying.
@@ -258,7 +317,12 @@ pub fn handshake(s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
     vmm.timeline.connected_us = Some(connected_us);
     vmm.timeline.identity_us = Some(identity_us);
     vmm.timeline.ping_us = Some(ping_us);
-    Ok(Started { id, vmm, agent })
+    Ok(Started {
+        id,
+        vmm,
+        agent,
+        net,
+    })
 }
 
 /// Starts `count` clones of master `name`, `opts.parallel` at a time. Each
@@ -279,7 +343,7 @@ pub fn start(
         // Spawned from this thread: a child's parent-death signal follows
         // the thread that forked it.
         let spawned: Vec<Result<Spawned, CloneError>> = (0..batch)
-            .map(|_| spawn_one(store, &master, opts.detach, opts.limits))
+            .map(|_| spawn_one(store, &master, opts.detach, opts.limits, &opts.net))
             .collect();
         let timeout = opts.timeout;
         let done: Vec<Result<Started, CloneError>> = std::thread::scope(|scope| {
@@ -322,6 +386,7 @@ pub fn kill(store: &Store, id: &str) -> Result<(), CloneError> {
     vmm::kill_process(rec.pid, rec.pid_start);
     let dir = store.clone_dir(id);
     crate::confine::release_dir(&dir);
+    crate::vmnet::release(id);
     std::fs::remove_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
     Ok(())
 }
@@ -404,7 +469,13 @@ pub fn spawn_burst(
     let mut spawned = Vec::with_capacity(count);
     for _ in 0..count {
         // On error the clones spawned so far are killed as their handles drop.
-        spawned.push(spawn_one(store, &master, false, Default::default())?);
+        spawned.push(spawn_one(
+            store,
+            &master,
+            false,
+            Default::default(),
+            &Default::default(),
+        )?);
     }
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline

@@ -28,3 +28,4 @@ pub mod store;
 pub mod supervise;
 pub mod transfer;
 pub mod vmm;
+pub mod vmnet;

@@ -23,6 +23,9 @@ pub enum MasterError {
     /// The agent failed.
     #[error("warm-up: {0}")]
     Agent(#[from] AgentError),
+    /// Its network could not be set up.
+    #[error("the master's network: {0}")]
+    Net(#[from] Box<crate::vmnet::VmNetError>),
     /// The warm-up command failed.
     #[error("the warm-up command failed ({0}); the master was not created")]
     Warmup(String),
@@ -77,6 +80,9 @@ pub struct CreateOptions {
     pub display_name: Option<String>,
     /// The owner's labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Give it a network device (and its warm-up a network as asked):
+    /// its clones then get networks of their own. `None`: no NIC.
+    pub net: Option<crate::vmnet::NetRequest>,
 }
 
 /// Boots a VM, runs the warm-up (its stdout and stderr go to `warmup_out`), freezes
@@ -95,6 +101,23 @@ pub fn create(
     result
 }
 
+/// Releases a VM's address (and its published ports) when dropped.
+struct ReleaseOnDrop(String, Option<crate::net::Attachment>, bool);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.1.take();
+        if self.2 {
+            crate::vmnet::release(&self.0);
+        }
+    }
+}
+
+/// The VM id a master's network lease is held under.
+fn master_vm_id(store_name: &str) -> String {
+    format!("{store_name}-master")
+}
+
 fn create_in(
     store: &Store,
     tmp: &Path,
@@ -110,7 +133,35 @@ fn create_in(
     let mut spec = opts.spec.clone();
     spec.snapshot_dir = Some(snap_dir.clone());
     let t0 = Instant::now();
-    let mut vm = VmmProcess::boot(&spec)?;
+    let vm_id = master_vm_id(&opts.name);
+    let mut net = match &opts.net {
+        Some(_) => Some(crate::vmnet::VmNet::take().map_err(Box::new)?),
+        None => None,
+    };
+    let fds = match &net {
+        Some(n) => Some((
+            n.fds().map_err(Box::new)?,
+            proto::launch::MacAddr::derived(&vm_id),
+        )),
+        None => None,
+    };
+    let mut vm = VmmProcess::boot_with_net(&spec, fds)?;
+    let net_identity = match (&mut net, &opts.net) {
+        (Some(n), Some(req)) => Some(
+            n.attach(
+                &vm_id,
+                opts.tenant.as_deref(),
+                req,
+                crate::net::PINNED_OWNER,
+            )
+            .map_err(Box::new)?,
+        ),
+        _ => None,
+    };
+    // The master keeps its address for as long as it exists (until
+    // `master rm`), so that none of its clones is ever given it; a master
+    // that is not made gives it back.
+    let mut lease = net.map(|n| ReleaseOnDrop(vm_id.clone(), n.finish(), true));
     progress(Phase::Booting, "booting the master");
     vm.wait_ready(opts.boot_timeout)?;
     let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -124,8 +175,8 @@ fn create_in(
     // a connection, an identity and a ping are then paged in in the frozen
     // guest, and clones do not pay those page faults again.
     let mut agent = AgentClient::connect(&vm.vsock_path())?;
-    let identity =
-        fresh_identity(&format!("{}-master", opts.name), &opts.name).map_err(AgentError::Output)?;
+    let mut identity = fresh_identity(&vm_id, &opts.name).map_err(AgentError::Output)?;
+    identity.net = net_identity;
     agent.set_identity(identity)?;
     let mut warmup_ms = None;
     if let Some(cmd) = &opts.warmup {
@@ -178,8 +229,12 @@ fn create_in(
         tenant: opts.tenant.clone(),
         display_name: opts.display_name.clone(),
         labels: opts.labels.clone(),
+        net: opts.net.is_some(),
     };
     store.commit_master(tmp, &rec)?;
+    if let Some(l) = &mut lease {
+        l.2 = false;
+    }
     Ok(rec)
 }
 
@@ -213,6 +268,7 @@ pub fn remove(store: &Store, name: &str, force: bool) -> Result<(), MasterError>
         });
     }
     store.remove_master(name)?;
+    crate::vmnet::release(&master_vm_id(name));
     Ok(())
 }
 
@@ -297,6 +353,7 @@ fn load_as(
         tenant: None,
         display_name: None,
         labels: Default::default(),
+        net: state.net,
     };
     let result = store.commit_master(&tmp, &rec);
     if result.is_err() {

@@ -318,6 +318,9 @@ pub struct MasterRequest {
     pub warmup_timeout: Duration,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// A network device (and what the warm-up's network allows); `None`:
+    /// no NIC, and its clones have no network.
+    pub net: Option<crate::vmnet::NetRequest>,
 }
 
 /// What new instances are.
@@ -336,6 +339,8 @@ pub struct InstancesRequest {
     pub id: Option<String>,
     /// Each instance's cgroup limits.
     pub limits: crate::confine::VmLimits,
+    /// Each instance's network.
+    pub net: crate::vmnet::NetRequest,
 }
 
 /// Filters of an instance listing.
@@ -736,6 +741,7 @@ impl Runtime {
             tenant: tenant.owner(),
             display_name: tenant.owner().map(|_| req.name.clone()),
             labels: req.labels,
+            net: req.net,
         };
         let rt = self.clone();
         let info = self.master_info(&lock(&self.tables), &entry, tenant);
@@ -837,6 +843,7 @@ impl Runtime {
         let store_name = m.store_name.clone();
         if m.status == MasterStatus::Frozen {
             self.store.remove_master(&store_name)?;
+            crate::vmnet::release(&format!("{store_name}-master"));
         }
         t.masters.remove(&store_name);
         Ok(())
@@ -1062,6 +1069,7 @@ impl Runtime {
             ttl_deadline_unix_s: req.ttl.map(|d| unix_now() + d.as_secs().max(1)),
             id: req.id.clone(),
             limits: req.limits,
+            net: req.net.clone(),
         };
         let parallel = self.cfg.parallel.clamp(1, req.count.max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -1303,6 +1311,7 @@ impl Runtime {
             self.watcher.unwatch(id);
             if let Some(v) = &mut inst.vmm {
                 v.kill();
+                crate::vmnet::release(id);
                 if inst.state == InstanceState::Running {
                     self.metrics.vmm_exit(reason);
                 }
@@ -1506,6 +1515,7 @@ impl Runtime {
             return;
         };
         vmm.kill(); // reaps it
+        crate::vmnet::release(id);
         self.watcher.unwatch(id);
         let dir = self.store.clone_dir(id);
         let tail = vmm::console_tail(&dir.join(vmm::files::CONSOLE), 12);

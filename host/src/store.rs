@@ -94,6 +94,10 @@ pub struct MasterRecord {
     /// The owner's labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// It has a network device (made with `--net`): its clones get a
+    /// network of their own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub net: bool,
 }
 
 /// A clone: which process runs it.

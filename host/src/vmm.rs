@@ -335,6 +335,15 @@ impl VmmProcess {
     /// with a fresh runtime directory under the spec's runtime root; the
     /// VMM is killed and the directory removed when the handle is dropped.
     pub fn boot(spec: &VmSpec) -> Result<Self, VmError> {
+        Self::boot_with_net(spec, None)
+    }
+
+    /// [`VmmProcess::boot`] with a network device on `net`'s tap (MAC:
+    /// `mac`), the VMM in `net`'s namespace.
+    pub fn boot_with_net(
+        spec: &VmSpec,
+        net: Option<(NetFds, proto::launch::MacAddr)>,
+    ) -> Result<Self, VmError> {
         let root = spec
             .runtime_root
             .clone()
@@ -359,7 +368,12 @@ impl VmmProcess {
             remove_dir_on_drop: true,
             limits: Default::default(),
         };
-        VmmProcess::spawn(VmSource::Boot(spec.boot_source()), &dir, &opts).inspect_err(|_| {
+        let mut boot = spec.boot_source();
+        let net = net.map(|(fds, mac)| {
+            boot.mac = Some(mac);
+            fds
+        });
+        VmmProcess::spawn_with_net(VmSource::Boot(boot), &dir, &opts, net).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
         })
     }

@@ -210,6 +210,9 @@ pub struct SnapshotCheck {
     /// vCPUs.
     #[serde(default)]
     pub vcpus: u8,
+    /// It has a network device (its clones can be given a network).
+    #[serde(default)]
+    pub net: bool,
 }
 
 /// A command line that is not a launch description.

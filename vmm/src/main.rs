@@ -48,6 +48,12 @@ fn main() {
                 error: None,
                 memory_mib: s.memory_mib,
                 vcpus: s.vcpus.len() as u8,
+                net: s.devices.iter().any(|d| {
+                    matches!(
+                        d.device.model,
+                        vmm::devices::virtio::persist::DeviceModelState::Net(_)
+                    )
+                }),
             },
             Err(e) => SnapshotCheck {
                 error: Some(error_chain(&e)),

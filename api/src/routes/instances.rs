@@ -49,6 +49,12 @@ pub async fn create(
                 ttl: req.ttl_s.map(Duration::from_secs),
                 id: None,
                 limits: req.limits.into(),
+                net: host::vmnet::NetRequest {
+                    disabled: !req.net,
+                    egress: req.egress,
+                    publish: req.ports.iter().map(|p| p.clone().into()).collect(),
+                    peers: req.peers,
+                },
             },
         )
     })

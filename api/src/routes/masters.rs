@@ -39,6 +39,10 @@ pub async fn create(
                 warmup: req.warmup,
                 warmup_timeout: Duration::from_secs(req.warmup_timeout_s),
                 labels: req.labels,
+                net: req.net.then(|| host::vmnet::NetRequest {
+                    egress: req.egress,
+                    ..Default::default()
+                }),
             },
         )
     })

@@ -75,10 +75,15 @@ pub(crate) struct Lease {
     pub created_unix_s: u64,
 }
 
+/// The owner "pid" of a lease that no process holds: it lives until it is
+/// released (a master's address, kept from its clones).
+pub(crate) const PINNED: u32 = 0;
+
 impl Lease {
-    /// Whether its owner still runs.
+    /// Whether its owner still runs (a pinned lease always does).
     pub fn alive(&self) -> bool {
-        crate::procfs::is_same_live_process(self.owner_pid, self.owner_start)
+        self.owner_pid == PINNED
+            || crate::procfs::is_same_live_process(self.owner_pid, self.owner_start)
     }
 }
 

@@ -79,6 +79,8 @@ pub use self::netlink::NlError;
 use self::netlink::{NlSocket, RtSocket};
 use self::nft::{Elem, NftSocket, Policy};
 pub use self::pool::{NetSlot, PoolStats, TAP_NAME};
+/// The owner of a lease held until it is detached ([`AttachOptions::owner_pid`]).
+pub const PINNED_OWNER: u32 = ipam::PINNED;
 use self::pool::{Pool, SlotSpec};
 use proto::launch::MacAddr;
 
@@ -412,7 +414,9 @@ pub struct AttachOptions {
     /// Whether it may talk to its tenant's other VMs that asked for peers.
     pub peers: bool,
     /// The process whose end ends the VM (its VMM), which owns the
-    /// address; `None`: the calling process.
+    /// address; `None`: the calling process; [`PINNED_OWNER`]: no process,
+    /// the address is held until [`Network::detach`] (a master's, which
+    /// must never go to one of its clones).
     pub owner_pid: Option<u32>,
 }
 
@@ -849,8 +853,11 @@ impl Network {
         }
         let _attaching = self.pool.attaching();
         let owner_pid = opts.owner_pid.unwrap_or_else(std::process::id);
-        let owner_start =
-            crate::procfs::start_ticks(owner_pid).ok_or(NetError::NoOwner(owner_pid))?;
+        let owner_start = if owner_pid == ipam::PINNED {
+            0
+        } else {
+            crate::procfs::start_ticks(owner_pid).ok_or(NetError::NoOwner(owner_pid))?
+        };
 
         let lk = self.ipam.lock()?;
         let mut host = self.host();
