@@ -565,7 +565,10 @@ impl Runtime {
         // with it; their runtime directories did not.
         found.cleaned += vmm::remove_abandoned_runtime_dirs(&self.store.root().join("vms"));
         // Cgroups and uids of VMs that ended while no daemon watched them.
-        found.cleaned += crate::confine::sweep();
+        let swept = crate::confine::sweep();
+        if swept > 0 {
+            tracing::info!(swept, "took back the cgroups and uids of VMs that ended unwatched");
+        }
         let mut t = lock(&self.tables);
         for m in self.store.masters().into_iter().flatten() {
             found.masters += 1;
