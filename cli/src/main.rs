@@ -143,6 +143,11 @@ pub(crate) enum Cmd {
         /// Print how long each phase (boot, agent, command) took, on stderr.
         #[arg(long)]
         timings: bool,
+        /// Give the VM a network (implied by --publish, --egress, --peers).
+        #[arg(long)]
+        net: bool,
+        #[command(flatten)]
+        net_args: NetArgs,
         /// The command and its arguments.
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
@@ -333,14 +338,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             vm,
             console,
             timings,
+            net,
+            net_args,
             cmd,
         } => {
             let spec = vm.spec(console)?;
+            let req = net_args.request(1)?;
             let opts = host::run::RunOptions {
                 spec,
                 boot_timeout: Duration::from_secs(vm.boot_timeout),
                 argv: cmd,
                 timings,
+                net: ((net || req.wants_network()) && !req.disabled).then_some(req),
             };
             Ok(host::run::run(&opts)?)
         }

@@ -18,6 +18,9 @@ pub struct RunOptions {
     pub argv: Vec<String>,
     /// Print each phase's duration on stderr at the end.
     pub timings: bool,
+    /// Give the VM a network (a NIC, an address, published ports);
+    /// `None`: no NIC.
+    pub net: Option<crate::vmnet::NetRequest>,
 }
 
 /// Errors of `zygote run`, each with the exit code it maps to.
@@ -32,6 +35,9 @@ pub enum RunError {
     /// The command does not exist in the guest.
     #[error("{0}: command not found in the guest")]
     NotFound(String),
+    /// The VM's network could not be set up.
+    #[error("the VM's network: {0}")]
+    Net(#[from] crate::vmnet::VmNetError),
 }
 
 impl RunError {
@@ -52,9 +58,30 @@ impl RunError {
 /// Boots a VM, runs the command with the caller's stdio, shuts the VM down.
 /// Returns the command's shell exit code.
 pub fn run(opts: &RunOptions) -> Result<i32, RunError> {
-    let mut vm = VmmProcess::boot(&opts.spec)?;
+    // Named like a clone would be, for its address lease and MAC.
+    let vm_id = format!("run-{}", std::process::id());
+    let mut net = match &opts.net {
+        Some(_) => Some(crate::vmnet::VmNet::take()?),
+        None => None,
+    };
+    let fds = match &net {
+        Some(n) => Some((n.fds()?, proto::launch::MacAddr::derived(&vm_id))),
+        None => None,
+    };
+    let mut vm = VmmProcess::boot_with_net(&opts.spec, fds)?;
+    let identity = match (&mut net, &opts.net) {
+        (Some(n), Some(req)) => Some(n.attach(&vm_id, None, req, vm.pid())?),
+        _ => None,
+    };
+    // Held (published ports included) until the VM is shut down.
+    let _net = Release(vm_id.clone(), net.and_then(|n| n.finish()));
     vm.wait_ready(opts.boot_timeout)?;
     let mut agent = AgentClient::connect(&vm.vsock_path())?;
+    if identity.is_some() {
+        let mut id = crate::agent::fresh_identity(&vm_id, &vm_id).map_err(AgentError::Output)?;
+        id.net = identity;
+        agent.set_identity(id)?;
+    }
     let result = exec_stdio(&mut agent, &opts.argv);
     if let Err(RunError::Agent(e)) = &result {
         if !matches!(e, AgentError::Remote { .. }) {
@@ -68,6 +95,16 @@ pub fn run(opts: &RunOptions) -> Result<i32, RunError> {
         eprintln!("{}", timings_line(&vm.timeline, done_us));
     }
     result
+}
+
+/// Gives back a VM's address and published ports when dropped.
+struct Release(String, Option<crate::net::Attachment>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.1.take();
+        crate::vmnet::release(&self.0);
+    }
 }
 
 /// Runs `argv` through `agent` with this process's stdin, stdout and

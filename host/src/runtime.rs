@@ -567,7 +567,10 @@ impl Runtime {
         // Cgroups and uids of VMs that ended while no daemon watched them.
         let swept = crate::confine::sweep();
         if swept > 0 {
-            tracing::info!(swept, "took back the cgroups and uids of VMs that ended unwatched");
+            tracing::info!(
+                swept,
+                "took back the cgroups and uids of VMs that ended unwatched"
+            );
         }
         let mut t = lock(&self.tables);
         for m in self.store.masters().into_iter().flatten() {
