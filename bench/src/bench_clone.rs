@@ -124,6 +124,22 @@ pub struct CloneBenchOptions {
     pub big_memory_mib: u64,
     /// How long the idle clone's CPU time is measured.
     pub idle_window: Duration,
+    /// Jail the VMMs (`--no-jail`: not; the comparison runs both anyway).
+    pub jail: bool,
+    /// Give the master a NIC and each clone a network (`--no-net`: not).
+    pub net: bool,
+}
+
+/// Clones of the same master started in turn with their jail and network
+/// and with neither: what confinement adds to the clone path.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Confinement {
+    /// Whether the "with" clones had networks (the master has a NIC).
+    pub net: bool,
+    /// Jailed (and networked) clones.
+    pub with: Vec<CloneSample>,
+    /// Clones with no jail and no network.
+    pub without: Vec<CloneSample>,
 }
 
 /// One clone started on its own.
@@ -298,6 +314,8 @@ pub struct CloneReport {
     pub cold: Vec<ColdSample>,
     /// Clones started one after another.
     pub clones: Vec<CloneSample>,
+    /// With and without jail and network, in turn.
+    pub confinement: Option<Confinement>,
     /// Clones started in parallel.
     pub parallel: Option<ParallelResult>,
     /// Clones spawned at once, to vCPUs running.
@@ -580,6 +598,56 @@ impl Ctx<'_> {
         }
     }
 
+    /// `count` clones of the master with a jail and a network and as many
+    /// without either, in turn (so drift hits both alike).
+    fn confinement(&mut self) -> Result<Confinement, CloneBenchError> {
+        let mut c = Confinement {
+            net: self.opts.net,
+            ..Default::default()
+        };
+        let master = self
+            .ws
+            .store
+            .master(MASTER)
+            .map_err(|e| CloneBenchError::Failed(e.to_string()))?;
+        for i in 0..self.opts.count {
+            for confined in [true, false] {
+                check_interrupted()?;
+                let owner = host::clone::Ownership {
+                    jail: Some(confined),
+                    net: host::vmnet::NetRequest {
+                        disabled: !confined,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let s = host::clone::spawn(&self.ws.store, &master, false, &owner)
+                    .and_then(|s| host::clone::handshake(s, CLONE_TIMEOUT))
+                    .map_err(|e| CloneBenchError::Failed(e.to_string()))?;
+                let sample = sample_of(&s, elapsed_ms(t));
+                self.ws.live.push(s);
+                self.ws.kill_live();
+                if confined {
+                    c.with.push(sample);
+                } else {
+                    c.without.push(sample);
+                }
+            }
+            self.say(&format!(
+                "confinement {}/{}: running +{:.1} ms jailed vs +{:.1} ms bare",
+                i + 1,
+                self.opts.count,
+                c.with.last().and_then(|s| s.running_ms).unwrap_or(f64::NAN),
+                c.without
+                    .last()
+                    .and_then(|s| s.running_ms)
+                    .unwrap_or(f64::NAN)
+            ));
+        }
+        Ok(c)
+    }
+
     fn make_master(
         &mut self,
         name: &str,
@@ -599,7 +667,7 @@ impl Ctx<'_> {
             tenant: None,
             display_name: None,
             labels: Default::default(),
-            net: None,
+            net: (self.opts.net && name == MASTER).then(Default::default),
         };
         let store = self.ws.store.clone();
         let progress = &mut *self.progress;
@@ -1041,6 +1109,13 @@ pub fn bench_clone(
     // 2. Clones one after another.
     report.clones = ctx.sequential(&guest_ram)?;
 
+    // 2a. The same, with and without jail and network, in turn.
+    match ctx.confinement() {
+        Ok(c) => report.confinement = Some(c),
+        Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+        Err(e) => report.errors.push(format!("confinement: {e}")),
+    }
+
     // 2b. Fresh process vs fork() of a prepared one, same snapshot.
     match fork_vs_spawn(&rec, opts.count) {
         Ok(f) => report.fork_vs_spawn = Some(f),
@@ -1267,6 +1342,18 @@ impl CloneReport {
                 b.memory_mib.to_string(): running.map(|s| s.p50),
             });
         }
+        if let Some(c) = &self.confinement {
+            let run = |v: &[CloneSample]| summary(v.iter().filter_map(|s| s.running_ms));
+            let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
+            out["confinement_net"] = c.net.into();
+            out["clone_running_ms_jail_net"] = serde_json::json!(run(&c.with));
+            out["clone_running_ms_bare"] = serde_json::json!(run(&c.without));
+            out["clone_ready_ms_jail_net"] = serde_json::json!(ready(&c.with));
+            out["clone_ready_ms_bare"] = serde_json::json!(ready(&c.without));
+            out["confinement_added_running_ms_p50"] = serde_json::json!(run(&c.with)
+                .zip(run(&c.without))
+                .map(|(a, b)| a.p50 - b.p50));
+        }
         if let Some(f) = &self.fork_vs_spawn {
             let ms = |v: &[u64]| summary(v.iter().map(|&u| u as f64 / 1000.0));
             out["clone_start_spawn_ms"] = serde_json::json!(ms(&f.spawn_us));
@@ -1369,6 +1456,35 @@ impl CloneReport {
             n,
             cl(|s| Some(s.exec_true_ms)).1,
         );
+        if let Some(c) = &self.confinement {
+            let run = |v: &[CloneSample]| summary(v.iter().filter_map(|s| s.running_ms));
+            let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
+            let what = if c.net { "jail + network" } else { "jail" };
+            row(
+                &mut t,
+                &format!("  with {what}: -> vCPUs running"),
+                c.with.len(),
+                run(&c.with),
+            );
+            row(
+                &mut t,
+                "  with neither: -> vCPUs running",
+                c.without.len(),
+                run(&c.without),
+            );
+            row(
+                &mut t,
+                &format!("  with {what}: -> ping (identity applied)"),
+                c.with.len(),
+                ready(&c.with),
+            );
+            row(
+                &mut t,
+                "  with neither: -> ping",
+                c.without.len(),
+                ready(&c.without),
+            );
+        }
         if let Some(f) = &self.fork_vs_spawn {
             let ms = |v: &[u64]| summary(v.iter().map(|&u| u as f64 / 1000.0));
             row(
@@ -1627,6 +1743,11 @@ mod tests {
                 ready_ms: 40_000.0,
             }],
             clones: vec![clone(5.0, 19.0), clone(4.0, 20.0), clone(6.0, 21.0)],
+            confinement: Some(Confinement {
+                net: true,
+                with: vec![clone(6.0, 22.0)],
+                without: vec![clone(4.0, 19.0)],
+            }),
             parallel: Some(ParallelResult {
                 parallel: 8,
                 started: 20,
@@ -1757,6 +1878,8 @@ mod tests {
         let cols: Vec<&str> = running.split_whitespace().rev().take(4).collect();
         assert_eq!(cols, ["6.0", "5.0", "4.0", "3"], "{running}");
         assert!(line("cold: boot + warm-up -> ready").contains("40000.0"));
+        assert!(line("  with jail + network: -> vCPUs running").ends_with("6.0"));
+        assert!(line("  with neither: -> vCPUs running").ends_with("4.0"));
         assert!(line("clone (2048 MiB): spawn -> vCPUs running").contains("5.5"));
         assert!(line("qemu: -incoming spawn -> running").contains("100.0"));
         assert!(t.contains("(one cold boot"), "{t}");

@@ -150,6 +150,19 @@ enum BenchCmd {
 
 #[derive(clap::Args, Debug)]
 struct BenchCloneArgs {
+    /// Jail the VMMs (the default; the comparison of jailed and bare
+    /// clones runs either way).
+    #[arg(long, overrides_with = "no_jail")]
+    jail: bool,
+    /// Do not jail the VMMs of the main run.
+    #[arg(long)]
+    no_jail: bool,
+    /// Give the master a NIC and each clone a network (the default).
+    #[arg(long, overrides_with = "no_net")]
+    net: bool,
+    /// No NIC, no networks.
+    #[arg(long)]
+    no_net: bool,
     /// Guest RAM of the master, in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
@@ -218,7 +231,13 @@ fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
         density_max_failures: a.density_max_failures,
         big_memory_mib: a.big_memory,
         idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
+        jail: !a.no_jail,
+        net: !a.no_net,
     };
+    host::confine::configure(host::confine::Settings {
+        jail: opts.jail,
+        ..Default::default()
+    });
     bench::bench_clone::install_interrupt_handler();
     let report =
         bench::bench_clone::bench_clone(&opts, &mut |msg| eprintln!("zygote bench: {msg}"))

@@ -142,6 +142,9 @@ pub struct Ownership {
     pub limits: crate::confine::VmLimits,
     /// Its network.
     pub net: crate::vmnet::NetRequest,
+    /// Jail it (`None`: as this process's settings say; the benchmark
+    /// compares both in one run).
+    pub jail: Option<bool>,
 }
 
 fn spawn_one(
@@ -188,6 +191,7 @@ pub fn spawn(
         detach,
         remove_dir_on_drop: true,
         limits: owner.limits,
+        jail: owner.jail,
         ..Default::default()
     };
     let source = VmSource::Restore {

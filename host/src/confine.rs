@@ -117,8 +117,8 @@ pub enum ConfineError {
     #[error("cannot list the VMM's libraries to put in its jail")]
     Elf(#[source] jailer::ElfError),
     /// This host's cgroups could not be read.
-    #[error("cannot find this process's cgroups")]
-    Cgroups(#[source] jailer::cgroup::CgroupError),
+    #[error("cannot find this process's cgroups: {0}")]
+    NoCgroups(String),
     /// The VM's cgroup could not be made.
     #[error("cannot make the VM's cgroup")]
     Cgroup(#[source] jailer::cgroup::CgroupError),
@@ -149,7 +149,7 @@ struct Shared {
     kvm: OwnedFd,
     /// The VMM binary's interpreter and libraries.
     libs: Vec<PathBuf>,
-    cgroups: Option<Cgroups>,
+    cgroups: Result<Cgroups, String>,
 }
 
 fn shared(vmm: &Path) -> Result<&'static Shared, ConfineError> {
@@ -165,11 +165,8 @@ fn shared(vmm: &Path) -> Result<&'static Shared, ConfineError> {
         .map_err(ConfineError::Kvm)?
         .into();
     let libs = jailer::elf_runtime_files(vmm).map_err(ConfineError::Elf)?;
-    let cgroups = if settings().jail {
-        Some(Cgroups::detect(&settings().cgroup_parent).map_err(ConfineError::Cgroups)?)
-    } else {
-        None
-    };
+    // Kept as text: found once, needed only by jailed VMs.
+    let cgroups = Cgroups::detect(&settings().cgroup_parent).map_err(|e| e.to_string());
     // A racing thread may have set it first; either value is as good.
     let _ = SHARED.set(Shared { kvm, libs, cgroups });
     Ok(SHARED.get().expect("set above"))
@@ -295,14 +292,15 @@ impl Drop for Confined {
 }
 
 /// Prepares the confinement of the VM whose runtime directory is `dir`
-/// (named like the VM), for the VMM binary `vmm`. The VMM must then be
-/// launched with the jail paths of [`VmFiles`] and the sockets at
-/// [`jail_path`].
+/// (named like the VM), for the VMM binary `vmm`, jailed or not
+/// (`--no-jail`). The VMM must then be launched with the jail paths of
+/// [`VmFiles`] and the sockets at [`jail_path`].
 pub fn prepare(
     dir: &Path,
     vmm: &Path,
     files: &VmFiles,
     netns: Option<OwnedFd>,
+    jailed: bool,
 ) -> Result<Confined, ConfineError> {
     let sh = shared(vmm)?;
     let kvm = sh
@@ -310,7 +308,7 @@ pub fn prepare(
         .as_fd()
         .try_clone_to_owned()
         .map_err(ConfineError::Kvm)?;
-    if !settings().jail {
+    if !jailed {
         return Ok(Confined {
             jail: None,
             kvm,
@@ -371,7 +369,11 @@ pub fn prepare(
         std::os::unix::fs::chown(host, Some(uid), Some(uid)).map_err(io_err(host))?;
         jail.binds.push(Bind::writable(host, inside));
     }
-    if let Some(cgroups) = &sh.cgroups {
+    {
+        let cgroups = sh
+            .cgroups
+            .as_ref()
+            .map_err(|e| ConfineError::NoCgroups(e.clone()))?;
         let memory_max = files
             .limits
             .memory_max_mib
@@ -500,10 +502,8 @@ pub fn sweep() -> usize {
             }
         }
     }
-    if settings().jail {
-        if let Ok(cg) = Cgroups::detect(&settings().cgroup_parent) {
-            n += cg.sweep().map(|v| v.len()).unwrap_or(0);
-        }
+    if let Ok(cg) = Cgroups::detect(&settings().cgroup_parent) {
+        n += cg.sweep().map(|v| v.len()).unwrap_or(0);
     }
     n
 }
@@ -519,7 +519,7 @@ pub fn release_dir(dir: &Path) {
         let _ = fs::remove_file(uid_dir().join(uid.trim()));
     }
     let name = dir.file_name().and_then(|n| n.to_str());
-    if let (Some(name), true) = (name, settings().jail) {
+    if let Some(name) = name {
         if let Ok(cg) = Cgroups::detect(&settings().cgroup_parent) {
             if let Ok(vm) = cg.open(name) {
                 let _ = vm.remove();
@@ -533,9 +533,6 @@ pub fn release_dir(dir: &Path) {
 /// process (a detached clone); the spawner itself knows from its handle.
 pub fn ended_reason(dir: &Path) -> Option<String> {
     let name = dir.file_name()?.to_str()?;
-    if !settings().jail {
-        return None;
-    }
     let vm = Cgroups::detect(&settings().cgroup_parent)
         .ok()?
         .open(name)

@@ -1076,6 +1076,7 @@ impl Runtime {
             id: req.id.clone(),
             limits: req.limits,
             net: req.net.clone(),
+            jail: None,
         };
         let parallel = self.cfg.parallel.clamp(1, req.count.max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);

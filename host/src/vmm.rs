@@ -181,6 +181,8 @@ pub struct SpawnOptions {
     pub remove_dir_on_drop: bool,
     /// Its cgroup limits (defaults from the guest's size).
     pub limits: confine::VmLimits,
+    /// Jail it (`None`: as this process's [`confine::settings`] say).
+    pub jail: Option<bool>,
 }
 
 /// A VM to boot: image and shape.
@@ -367,6 +369,7 @@ impl VmmProcess {
             control: spec.snapshot_dir.is_some(),
             remove_dir_on_drop: true,
             limits: Default::default(),
+            jail: None,
         };
         let mut boot = spec.boot_source();
         let net = net.map(|(fds, mac)| {
@@ -394,14 +397,14 @@ impl VmmProcess {
         net: Option<NetFds>,
     ) -> Result<Self, VmError> {
         let vmm = paths::vmm_binary()?;
-        let jailed = confine::settings().jail;
+        let jailed = opts.jail.unwrap_or(confine::settings().jail);
         let (mut files, inside) = jail_view(&source)?;
         files.limits = opts.limits;
         let (netns, tap) = match net {
             Some(n) => (Some(n.netns), Some(n.tap)),
             None => (None, None),
         };
-        let mut confined = confine::prepare(dir, &vmm, &files, netns)?;
+        let mut confined = confine::prepare(dir, &vmm, &files, netns, jailed)?;
         // Where the VMM sees its own files: its root when jailed.
         let own = |name: &str| {
             if jailed {
