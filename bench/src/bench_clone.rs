@@ -138,6 +138,8 @@ pub struct Confinement {
     pub net: bool,
     /// Jailed (and networked) clones.
     pub with: Vec<CloneSample>,
+    /// Jailed clones without a network.
+    pub jail_only: Vec<CloneSample>,
     /// Clones with no jail and no network.
     pub without: Vec<CloneSample>,
 }
@@ -525,6 +527,10 @@ impl Drop for Workspace {
         for rec in self.store.clones().into_iter().flatten() {
             let _ = host::clone::kill(&self.store, &rec.id);
         }
+        // Masters with a NIC hold an address on the host's network.
+        for m in self.store.masters().into_iter().flatten() {
+            m.release_net();
+        }
         let _ = std::fs::remove_dir_all(&self.root);
         if let Some(parent) = self.root.parent() {
             // Only when empty: it may be the user's state root.
@@ -598,8 +604,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// `count` clones of the master with a jail and a network and as many
-    /// without either, in turn (so drift hits both alike).
+    /// `count` clones of the master with a jail and a network, as many
+    /// with a jail only, and as many with neither, in turn (so drift hits
+    /// all alike).
     fn confinement(&mut self) -> Result<Confinement, CloneBenchError> {
         let mut c = Confinement {
             net: self.opts.net,
@@ -611,12 +618,12 @@ impl Ctx<'_> {
             .master(MASTER)
             .map_err(|e| CloneBenchError::Failed(e.to_string()))?;
         for i in 0..self.opts.count {
-            for confined in [true, false] {
+            for (jail, net) in [(true, true), (true, false), (false, false)] {
                 check_interrupted()?;
                 let owner = host::clone::Ownership {
-                    jail: Some(confined),
+                    jail: Some(jail),
                     net: host::vmnet::NetRequest {
-                        disabled: !confined,
+                        disabled: !net,
                         ..Default::default()
                     },
                     ..Default::default()
@@ -628,10 +635,10 @@ impl Ctx<'_> {
                 let sample = sample_of(&s, elapsed_ms(t));
                 self.ws.live.push(s);
                 self.ws.kill_live();
-                if confined {
-                    c.with.push(sample);
-                } else {
-                    c.without.push(sample);
+                match (jail, net) {
+                    (true, true) => c.with.push(sample),
+                    (true, false) => c.jail_only.push(sample),
+                    _ => c.without.push(sample),
                 }
             }
             self.say(&format!(
@@ -1348,6 +1355,8 @@ impl CloneReport {
             out["confinement_net"] = c.net.into();
             out["clone_running_ms_jail_net"] = serde_json::json!(run(&c.with));
             out["clone_running_ms_bare"] = serde_json::json!(run(&c.without));
+            out["clone_running_ms_jail_only"] = serde_json::json!(run(&c.jail_only));
+            out["clone_ready_ms_jail_only"] = serde_json::json!(ready(&c.jail_only));
             out["clone_ready_ms_jail_net"] = serde_json::json!(ready(&c.with));
             out["clone_ready_ms_bare"] = serde_json::json!(ready(&c.without));
             out["confinement_added_running_ms_p50"] = serde_json::json!(run(&c.with)
@@ -1466,6 +1475,14 @@ impl CloneReport {
                 c.with.len(),
                 run(&c.with),
             );
+            if c.net {
+                row(
+                    &mut t,
+                    "  with jail only: -> vCPUs running",
+                    c.jail_only.len(),
+                    run(&c.jail_only),
+                );
+            }
             row(
                 &mut t,
                 "  with neither: -> vCPUs running",
@@ -1746,6 +1763,7 @@ mod tests {
             confinement: Some(Confinement {
                 net: true,
                 with: vec![clone(6.0, 22.0)],
+                jail_only: vec![clone(5.0, 20.0)],
                 without: vec![clone(4.0, 19.0)],
             }),
             parallel: Some(ParallelResult {

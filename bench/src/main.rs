@@ -238,6 +238,8 @@ fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
         jail: opts.jail,
         ..Default::default()
     });
+    // Network slots kept ready, as the daemon does ("pool warm").
+    host::vmnet::configure_pool(4);
     bench::bench_clone::install_interrupt_handler();
     let report =
         bench::bench_clone::bench_clone(&opts, &mut |msg| eprintln!("zygote bench: {msg}"))

@@ -55,7 +55,7 @@ pub enum CloneError {
     #[error("clone {0} is not running (see `zygote ps`; `zygote kill {0}` removes it)")]
     NotRunning(String),
     /// Its network could not be set up.
-    #[error("the clone's network: {0}")]
+    #[error(transparent)]
     Net(#[from] Box<crate::vmnet::VmNetError>),
 }
 

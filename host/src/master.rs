@@ -24,7 +24,7 @@ pub enum MasterError {
     #[error("warm-up: {0}")]
     Agent(#[from] AgentError),
     /// Its network could not be set up.
-    #[error("the master's network: {0}")]
+    #[error(transparent)]
     Net(#[from] Box<crate::vmnet::VmNetError>),
     /// The warm-up command failed.
     #[error("the warm-up command failed ({0}); the master was not created")]
@@ -113,9 +113,18 @@ impl Drop for ReleaseOnDrop {
     }
 }
 
-/// The VM id a master's network lease is held under.
+/// The VM id a master's network lease is held under: unique among the
+/// masters of every state directory of the host (they share its network).
 fn master_vm_id(store_name: &str) -> String {
-    format!("{store_name}-master")
+    let mut b = [0u8; 4];
+    // SAFETY: the pointer and length describe `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let tag = if n == b.len() as isize {
+        u32::from_le_bytes(b)
+    } else {
+        std::process::id() ^ crate::store::unix_now() as u32
+    };
+    format!("{store_name}-master-{tag:08x}")
 }
 
 fn create_in(
@@ -230,6 +239,7 @@ fn create_in(
         display_name: opts.display_name.clone(),
         labels: opts.labels.clone(),
         net: opts.net.is_some(),
+        net_lease: opts.net.as_ref().map(|_| vm_id.clone()),
     };
     store.commit_master(tmp, &rec)?;
     if let Some(l) = &mut lease {
@@ -267,8 +277,11 @@ pub fn remove(store: &Store, name: &str, force: bool) -> Result<(), MasterError>
             count: live,
         });
     }
+    let rec = store.master(name).ok();
     store.remove_master(name)?;
-    crate::vmnet::release(&master_vm_id(name));
+    if let Some(rec) = rec {
+        rec.release_net();
+    }
     Ok(())
 }
 
@@ -354,6 +367,7 @@ fn load_as(
         display_name: None,
         labels: Default::default(),
         net: state.net,
+        net_lease: None,
     };
     let result = store.commit_master(&tmp, &rec);
     if result.is_err() {

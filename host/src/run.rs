@@ -36,7 +36,7 @@ pub enum RunError {
     #[error("{0}: command not found in the guest")]
     NotFound(String),
     /// The VM's network could not be set up.
-    #[error("the VM's network: {0}")]
+    #[error(transparent)]
     Net(#[from] crate::vmnet::VmNetError),
 }
 

@@ -848,8 +848,11 @@ impl Runtime {
         }
         let store_name = m.store_name.clone();
         if m.status == MasterStatus::Frozen {
+            let rec = self.store.master(&store_name).ok();
             self.store.remove_master(&store_name)?;
-            crate::vmnet::release(&format!("{store_name}-master"));
+            if let Some(rec) = rec {
+                rec.release_net();
+            }
         }
         t.masters.remove(&store_name);
         Ok(())

@@ -98,6 +98,19 @@ pub struct MasterRecord {
     /// network of their own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub net: bool,
+    /// The id its network address is leased under (held until it is
+    /// removed, so that no clone of it is ever given it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_lease: Option<String>,
+}
+
+impl MasterRecord {
+    /// Gives back the address the master held (when it is removed).
+    pub fn release_net(&self) {
+        if let Some(id) = &self.net_lease {
+            crate::vmnet::release(id);
+        }
+    }
 }
 
 /// A clone: which process runs it.

@@ -77,7 +77,7 @@ pub fn network() -> Result<&'static Network, VmNetError> {
             pool_size: POOL.load(Ordering::Relaxed),
             ..NetConfig::default()
         };
-        Network::open(cfg, &paths::runtime_root().join("net")).map_err(|e| chain(&e))
+        Network::open(cfg, &paths::runtime_root()).map_err(|e| chain(&e))
     })
     .as_ref()
     .map_err(|e| VmNetError::Unavailable(e.clone()))
