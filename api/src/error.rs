@@ -110,19 +110,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Chain of sources once each: "a: b: c".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use host::error_chain as chain;
 
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {

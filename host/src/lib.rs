@@ -29,3 +29,19 @@ pub mod supervise;
 pub mod transfer;
 pub mod vmm;
 pub mod vmnet;
+
+/// An error and its causes, once each: "a: b: c" (a cause whose text the
+/// message already holds is not repeated). The API's error bodies use it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -77,25 +77,10 @@ pub fn network() -> Result<&'static Network, VmNetError> {
             pool_size: POOL.load(Ordering::Relaxed),
             ..NetConfig::default()
         };
-        Network::open(cfg, &paths::runtime_root()).map_err(|e| chain(&e))
+        Network::open(cfg, &paths::runtime_root()).map_err(|e| crate::error_chain(&e))
     })
     .as_ref()
     .map_err(|e| VmNetError::Unavailable(e.clone()))
-}
-
-/// An error and its causes, "a: b: c".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// A VM's network while it is set up.
