@@ -282,7 +282,9 @@ mod tests {
     use crate::devices::virtio::vsock::persist::{VsockState, VSOCK_STATE_VERSION};
     use crate::devices::virtio::{TYPE_RNG, TYPE_VSOCK};
 
-    fn device(model: DeviceModelState, i: u64) -> DeviceSnapshot {
+    /// A device at window `i`, its transport as a fresh one (the fuzz
+    /// tests build states from it too).
+    pub(super) fn device(model: DeviceModelState, i: u64) -> DeviceSnapshot {
         let device_type = model.device_type();
         DeviceSnapshot {
             base: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE,

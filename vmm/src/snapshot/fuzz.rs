@@ -13,9 +13,8 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
+use super::tests::device;
 use super::*;
-use crate::devices::virtio::mmio::MmioRegisters;
-use crate::devices::virtio::persist::MmioState;
 use crate::devices::virtio::rng::persist::{RngState, RNG_STATE_VERSION};
 use crate::devices::virtio::vsock::persist::{VsockState, VSOCK_STATE_VERSION};
 use crate::vstate::fingerprint::{CpuFeatures, XsaveFeatures, RESTORE_CAPS};
@@ -62,28 +61,6 @@ fn vcpu(index: u8) -> VcpuState {
     }
 }
 
-fn device(model: DeviceModelState, i: u64) -> DeviceSnapshot {
-    let device_type = model.device_type();
-    DeviceSnapshot {
-        base: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE,
-        gsi: VIRTIO_FIRST_GSI + i as u32,
-        device: VirtioDeviceState {
-            model,
-            transport: MmioState {
-                version: 1,
-                device_type,
-                regs: MmioRegisters::default(),
-                queues: Vec::new(),
-                active_queues: None,
-                interrupt_status: 0,
-                config_generation: 0,
-                needs_reset: false,
-            },
-        },
-    }
-}
-
-/// A valid state of a 2-vCPU, 2 MiB VM with a vsock and an rng device.
 fn valid_state() -> Value {
     let snap = VmSnapshot {
         state_version: STATE_VERSION,
