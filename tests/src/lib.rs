@@ -97,6 +97,19 @@ pub fn zygote_at(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
     out
 }
 
+/// Asserts that a `zygote` command succeeded (showing its output when it
+/// did not) and returns its stdout.
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Sandbox {
     /// Asserts that nothing of this sandbox is left: no directory entries,
     /// no process that was given a path in it (a VMM).

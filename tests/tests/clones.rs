@@ -11,23 +11,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use host::agent::AgentClient;
 use host::store::Store;
-use zygote_tests::{image, processes_mentioning, Sandbox};
+use zygote_tests::{image, ok, processes_mentioning, Sandbox};
 
 const MASTER: &str = "warm";
 /// A file in tmpfs, a running process, and a value in that process's memory.
 const WARMUP: &str = "echo warm-state > /tmp/state; \
     SECRET=kept-in-memory sleep 31337 & echo sleeper=$!";
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn clone_ids(sandbox: &Sandbox, count: usize) -> Vec<String> {
     let out = sandbox.zygote(

@@ -8,10 +8,9 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Output;
 use std::time::Duration;
 
-use zygote_tests::{image, Sandbox};
+use zygote_tests::{image, ok, Sandbox};
 
 const MASTER: &str = "web";
 /// httpd serves /www; each clone writes its id there when asked.
@@ -19,17 +18,6 @@ const WARMUP: &str = "mkdir -p /www && echo from-master > /www/index.html && \
     httpd -p 8080 -h /www && ip -4 addr show eth0 && cat /sys/class/net/eth0/address";
 const CLONES: usize = 6;
 const FIRST_PORT: u16 = 28080;
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `GET path` on localhost:port; the body.
 fn http_get(port: u16, path: &str) -> Result<String, String> {

@@ -15,23 +15,12 @@ use std::time::{Duration, Instant};
 
 use host::store::Store;
 use proto::launch::{ConsoleTarget, VmSource, VmmLaunch};
-use zygote_tests::{bin, image, kill_processes_mentioning, Sandbox};
+use zygote_tests::{bin, image, kill_processes_mentioning, ok, Sandbox};
 
 const MASTER: &str = "confined";
 /// `vmm::seccomp::test_hook::ENV`: `main` or `vcpu` makes that thread kind
 /// call `socket(AF_INET, ...)` right after its filter is installed.
 const VIOLATION: &str = "ZYGOTE_VMM_TEST_SECCOMP_VIOLATION";
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Runs the `zygote` CLI on the sandbox with `env` added to its (and so
 /// its VMMs') environment.
