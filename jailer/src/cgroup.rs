@@ -8,8 +8,8 @@
 //! `cpu.weight`; the child starts in it through `CLONE_INTO_CGROUP`) and,
 //! per controller, cgroup v1 (`memory.limit_in_bytes`,
 //! `memory.memsw.limit_in_bytes`, `pids.max`, `cpu.cfs_quota_us`,
-//! `cpu.shares`; the child writes itself into `cgroup.procs` before its
-//! exec) are handled, chosen at run time: on a hybrid host the controllers
+//! `cpu.shares`; the child writes itself into `tasks` before its exec)
+//! are handled, chosen at run time: on a hybrid host the controllers
 //! are v1 and the v2 hierarchy still tracks the VM's processes (so that
 //! `cgroup.kill` ends them all at once).
 //!
@@ -416,8 +416,14 @@ impl Cgroups {
 }
 
 /// The descriptors a spawn uses to start in a VM's cgroup: the v2
-/// directory (for `CLONE_INTO_CGROUP`) and the v1 `cgroup.procs` files
-/// (the child writes itself into them). Cheap to clone.
+/// directory (for `CLONE_INTO_CGROUP`) and the v1 `tasks` files (the
+/// child writes itself into them). Cheap to clone.
+///
+/// `tasks`, not `cgroup.procs`: the child is a single-threaded process,
+/// so moving its one thread moves the process, and the kernel moves
+/// `current` alone without taking the global threadgroup lock for writing
+/// (which waits for an RCU grace period, 10-20 ms, whenever it was not
+/// taken shortly before).
 #[derive(Debug, Clone)]
 pub struct Placement(Arc<PlacementFds>);
 
@@ -469,7 +475,7 @@ impl VmCgroup {
         let mut v1_procs = Vec::with_capacity(v1.len());
         for (dir, cs) in &v1 {
             controllers.extend(cs.iter().map(|c| (*c, Version::V1, dir.clone())));
-            v1_procs.push(open(&dir.join("cgroup.procs"), libc::O_WRONLY)?);
+            v1_procs.push(open(&dir.join("tasks"), libc::O_WRONLY)?);
         }
         Ok(VmCgroup {
             name: name.to_string(),

@@ -24,7 +24,8 @@ pub(crate) struct Plan {
     pub report_write: RawFd,
     /// `setsid`.
     pub setsid: bool,
-    /// cgroup v1 `cgroup.procs` files to write `0` to.
+    /// cgroup v1 `tasks` files to write `0` to (this thread, which is the
+    /// whole single-threaded child).
     pub cgroup_procs: Vec<RawFd>,
     /// Network namespace to `setns` into.
     pub netns: Option<RawFd>,

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 pub enum Step {
     /// `setsid`: detach into a session of its own.
     Setsid,
-    /// Join a cgroup v1 hierarchy (write `0` to its `cgroup.procs`).
+    /// Join a cgroup v1 hierarchy (write `0` to its `tasks`).
     JoinCgroup,
     /// `setns` into the given network namespace.
     JoinNetns,
@@ -141,7 +141,7 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = match self {
             Step::Setsid => "start a session of its own (setsid)",
-            Step::JoinCgroup => "join its cgroup (cgroup v1 cgroup.procs)",
+            Step::JoinCgroup => "join its cgroup (cgroup v1 tasks)",
             Step::JoinNetns => "enter its network namespace (setns)",
             Step::MoveFds => "copy its descriptors out of the way",
             Step::MapFds => "place its descriptors at their numbers (dup2)",
