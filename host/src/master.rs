@@ -157,19 +157,15 @@ fn create_in(
     let mut vm = VmmProcess::boot_with_net(&spec, fds)?;
     let net_identity = match (&mut net, &opts.net) {
         (Some(n), Some(req)) => Some(
-            n.attach(
-                &vm_id,
-                opts.tenant.as_deref(),
-                req,
-                crate::net::PINNED_OWNER,
-            )
-            .map_err(Box::new)?,
+            n.attach_pinned(&vm_id, opts.tenant.as_deref(), req, store.root())
+                .map_err(Box::new)?,
         ),
         _ => None,
     };
     // The master keeps its address for as long as it exists (until
-    // `master rm`), so that none of its clones is ever given it; a master
-    // that is not made gives it back.
+    // `master rm`, or until its state directory is removed), so that none
+    // of its clones is ever given it; a master that is not made gives it
+    // back.
     let mut lease = net.map(|n| ReleaseOnDrop(vm_id.clone(), n.finish(), true));
     progress(Phase::Booting, "booting the master");
     vm.wait_ready(opts.boot_timeout)?;

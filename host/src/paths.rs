@@ -104,6 +104,14 @@ pub fn vmm_binary() -> Result<PathBuf, PathError> {
     Err(PathError::NoVmm(exe))
 }
 
+/// Where the VM network's state lives (its address and port leases):
+/// one place per host, whatever the state directory, because what it
+/// hands out is the host's (addresses of one subnet, routes, host ports,
+/// one firewall table). On tmpfs: a lease names a running VMM.
+pub fn net_state_dir() -> PathBuf {
+    PathBuf::from("/run/zygote-net")
+}
+
 /// The state directory for masters, clones and per-VM runtime files:
 /// `$ZYGOTE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/zygote`, else
 /// `/run/zygote` for root, else `zygote` in the temp dir.

@@ -77,7 +77,7 @@ pub fn network() -> Result<&'static Network, VmNetError> {
             pool_size: POOL.load(Ordering::Relaxed),
             ..NetConfig::default()
         };
-        Network::open(cfg, &paths::runtime_root()).map_err(|e| crate::error_chain(&e))
+        Network::open(cfg, &paths::net_state_dir()).map_err(|e| crate::error_chain(&e))
     })
     .as_ref()
     .map_err(|e| VmNetError::Unavailable(e.clone()))
@@ -117,11 +117,37 @@ impl VmNet {
         req: &NetRequest,
         owner_pid: u32,
     ) -> Result<proto::NetIdentity, VmNetError> {
+        self.attach_as(vm_id, tenant, req, owner_pid, None)
+    }
+
+    /// Gives VM `vm_id` an address held until [`release`] (a master's,
+    /// which none of its clones may get) or until `keeper` (its state
+    /// directory) is gone.
+    pub fn attach_pinned(
+        &mut self,
+        vm_id: &str,
+        tenant: Option<&str>,
+        req: &NetRequest,
+        keeper: &std::path::Path,
+    ) -> Result<proto::NetIdentity, VmNetError> {
+        let keeper = Some(keeper.to_path_buf());
+        self.attach_as(vm_id, tenant, req, crate::net::PINNED_OWNER, keeper)
+    }
+
+    fn attach_as(
+        &mut self,
+        vm_id: &str,
+        tenant: Option<&str>,
+        req: &NetRequest,
+        owner_pid: u32,
+        pinned_by: Option<std::path::PathBuf>,
+    ) -> Result<proto::NetIdentity, VmNetError> {
         let opts = AttachOptions {
             egress: req.egress,
             publish: req.publish.clone(),
             peers: req.peers,
             owner_pid: Some(owner_pid),
+            pinned_by,
         };
         let a = network()?.attach(&mut self.slot, vm_id, tenant, &opts)?;
         let id = a.identity.clone();
@@ -141,7 +167,7 @@ impl VmNet {
 pub fn release(vm_id: &str) {
     static OPENED: OnceLock<()> = OnceLock::new();
     // Only a process that has a lease dir to look at opens the network.
-    if OPENED.get().is_none() && !paths::runtime_root().join("net").exists() {
+    if OPENED.get().is_none() && !paths::net_state_dir().exists() {
         return;
     }
     let _ = OPENED.set(());

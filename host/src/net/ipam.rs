@@ -1,14 +1,16 @@
 //! The per-host address allocator of the VM network, with its state in
-//! the host store, so that every process of one state directory (the CLI,
-//! the daemon) allocates from one pool:
+//! one directory per host and firewall table (`/run/zygote-net/TABLE`,
+//! whatever the state directory: the addresses, routes and ports it hands
+//! out are the host's), so that every process (CLIs, daemons) allocates
+//! from one pool:
 //!
 //! ```text
-//! net/lock                         flock'd around every change (and the firewall update that goes with it)
-//! net/blocks/N.TENANT/             block N of the pool, held by TENANT ("-": the host's admin, else hex)
-//! net/blocks/N.TENANT/A.B.C.D      a lease (JSON: VM id, tenant, owner pid + start time, options)
-//! net/blocks/N.TENANT/A.B.C.D.gone a lease ended whose connections are being forgotten
-//! net/vms/VM-ID -> ../blocks/N.TENANT/A.B.C.D
-//! net/ports/PROTO-PORT             a published host port (its VM id)
+//! TABLE/lock                         flock'd around every change (and the firewall update that goes with it)
+//! TABLE/blocks/N.TENANT/             block N of the pool, held by TENANT ("-": the host's admin, else hex)
+//! TABLE/blocks/N.TENANT/A.B.C.D      a lease (JSON: VM id, tenant, owner pid + start time, options)
+//! TABLE/blocks/N.TENANT/A.B.C.D.gone a lease ended whose connections are being forgotten
+//! TABLE/vms/VM-ID -> ../blocks/N.TENANT/A.B.C.D
+//! TABLE/ports/PROTO-PORT             a published host port (its VM id)
 //! ```
 //!
 //! A tenant gets whole blocks of the pool (a /24 of a /16 by default), so
@@ -73,6 +75,11 @@ pub(crate) struct Lease {
     pub publish: Vec<Publish>,
     /// When it was leased (Unix seconds).
     pub created_unix_s: u64,
+    /// A pinned lease's keeper: the lease lives while this path exists
+    /// (a master's directory: a state directory removed without `master
+    /// rm` does not keep its master's address forever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_by: Option<PathBuf>,
 }
 
 /// The owner "pid" of a lease that no process holds: it lives until it is
@@ -80,10 +87,13 @@ pub(crate) struct Lease {
 pub(crate) const PINNED: u32 = 0;
 
 impl Lease {
-    /// Whether its owner still runs (a pinned lease always does).
+    /// Whether its owner still runs (a pinned lease: while its keeper
+    /// exists, if it has one).
     pub fn alive(&self) -> bool {
-        self.owner_pid == PINNED
-            || crate::procfs::is_same_live_process(self.owner_pid, self.owner_start)
+        if self.owner_pid == PINNED {
+            return self.pinned_by.as_ref().is_none_or(|p| p.exists());
+        }
+        crate::procfs::is_same_live_process(self.owner_pid, self.owner_start)
     }
 }
 
@@ -94,6 +104,7 @@ pub(crate) struct LeaseRequest<'a> {
     pub tenant: Option<&'a str>,
     pub owner_pid: u32,
     pub owner_start: u64,
+    pub pinned_by: Option<&'a Path>,
     pub host_if: &'a str,
     pub egress: bool,
     pub peers: bool,
@@ -497,6 +508,7 @@ impl Locked<'_> {
             peers: req.peers,
             publish: req.publish.to_vec(),
             created_unix_s: crate::store::unix_now(),
+            pinned_by: req.pinned_by.map(Path::to_path_buf),
         };
         let undo_block = |this: &Self| {
             if new_block.is_some() {
@@ -710,6 +722,7 @@ mod tests {
             tenant,
             owner_pid: pid,
             owner_start: start,
+            pinned_by: None,
             host_if: "zvtest",
             egress: false,
             peers: true,
@@ -1036,5 +1049,35 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+    }
+
+    #[test]
+    fn a_pinned_lease_lives_while_its_keeper_exists() {
+        let keeper = tempfile::tempdir().unwrap();
+        let lease = |pinned_by: Option<PathBuf>| Lease {
+            version: LEASE_VERSION,
+            vm_id: "m-master-1".into(),
+            tenant: None,
+            address: Ipv4Addr::new(10, 123, 1, 2),
+            owner_pid: PINNED,
+            owner_start: 0,
+            host_if: "zvtest".into(),
+            egress: false,
+            peers: false,
+            publish: vec![],
+            created_unix_s: 0,
+            pinned_by,
+        };
+        assert!(lease(None).alive(), "pinned with no keeper: until released");
+        let kept = lease(Some(keeper.path().to_path_buf()));
+        assert!(kept.alive());
+        let json = serde_json::to_string(&kept).unwrap();
+        let back: Lease = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, kept);
+        drop(keeper);
+        assert!(
+            !kept.alive(),
+            "its state directory is gone, so is the lease"
+        );
     }
 }

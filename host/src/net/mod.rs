@@ -6,8 +6,9 @@
 //!
 //! - `pool`: slots (namespace + tap + veth pair), made ahead of time by a
 //!   background thread because they are slow to make.
-//! - `ipam`: the address allocator, with its state in the host store
-//!   (`net/` in the state directory), shared by every process.
+//! - `ipam`: the address allocator, with its state in one directory per
+//!   host (`/run/zygote-net/TABLE`), shared by every process of every
+//!   state directory.
 //! - `nft`: the nftables table `inet zygote` (isolation, egress NAT,
 //!   published ports), installed once with `nft`, changed per VM with set
 //!   elements over netlink.
@@ -54,8 +55,8 @@
 //!
 //! It must not: enter a namespace from a thread it does not own (slots are
 //! made in threads of their own), touch any other nftables table or the
-//! host's own routes, or keep state outside the state directory, the
-//! kernel and its own memory. It does not configure the guest (the agent
+//! host's own routes, or keep state outside its directory, the kernel and
+//! its own memory. It does not configure the guest (the agent
 //! applies [`proto::NetIdentity`]).
 
 mod conntrack;
@@ -418,6 +419,10 @@ pub struct AttachOptions {
     /// the address is held until [`Network::detach`] (a master's, which
     /// must never go to one of its clones).
     pub owner_pid: Option<u32>,
+    /// With [`PINNED_OWNER`]: a path (the master's directory) whose
+    /// removal ends the lease, so an address is not held forever by a
+    /// state directory deleted without `master rm`.
+    pub pinned_by: Option<PathBuf>,
 }
 
 /// A VM's network, attached.
@@ -576,7 +581,7 @@ impl Network {
             tracing::info!("turned on net.ipv4.ip_forward for the VM network");
         }
         let ipam = Ipam::open(
-            &state_dir.join("net"),
+            &state_dir.join(&config.table),
             config.subnet,
             config.block_prefix_len,
         )?;
@@ -892,6 +897,10 @@ impl Network {
             tenant,
             owner_pid,
             owner_start,
+            pinned_by: opts
+                .pinned_by
+                .as_deref()
+                .filter(|_| owner_pid == ipam::PINNED),
             host_if: &slot.host_if,
             egress: opts.egress,
             peers: opts.peers,

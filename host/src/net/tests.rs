@@ -310,6 +310,7 @@ fn the_table_is_installed_once_and_elements_follow_attach_and_detach() {
         peers: true,
         publish: vec!["18401:80".parse().unwrap(), "18402:53/udp".parse().unwrap()],
         owner_pid: None,
+        pinned_by: None,
     };
     let att = net
         .attach(&mut slot, "vm-nft-1", Some("acme"), &opts)
