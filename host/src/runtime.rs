@@ -256,6 +256,83 @@ pub struct InstanceInfo {
     pub timings: Timings,
     /// Memory, while it runs.
     pub memory: Option<MemoryUse>,
+    /// Its network (a clone of a master with a NIC that was given one).
+    pub net: Option<InstanceNet>,
+}
+
+/// An instance's network, as reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct InstanceNet {
+    /// Its IPv4 address, reachable from the host (and from its tenant's
+    /// other instances when both asked for `peers`).
+    pub address: String,
+    /// Its MAC address (derived from its id).
+    pub mac: String,
+    /// Host ports forwarded to it.
+    pub ports: Vec<InstancePort>,
+    /// Whether it may reach beyond the host.
+    pub egress: bool,
+    /// Whether it may reach its tenant's other instances that asked for peers.
+    pub peers: bool,
+}
+
+/// A host port forwarded to an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct InstancePort {
+    /// The host's port.
+    pub host_port: u16,
+    /// The instance's port.
+    pub guest_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+impl InstanceNet {
+    fn new(
+        address: std::net::Ipv4Addr,
+        mac: proto::launch::MacAddr,
+        ports: &[crate::net::Publish],
+        egress: bool,
+        peers: bool,
+    ) -> InstanceNet {
+        InstanceNet {
+            address: address.to_string(),
+            mac: mac.to_string(),
+            ports: ports
+                .iter()
+                .map(|p| InstancePort {
+                    host_port: p.host_port,
+                    guest_port: p.guest_port,
+                    protocol: p.protocol.to_string(),
+                })
+                .collect(),
+            egress,
+            peers,
+        }
+    }
+
+    /// What an attached clone was given.
+    fn attached(a: &crate::net::Attachment, req: &crate::vmnet::NetRequest) -> InstanceNet {
+        InstanceNet::new(
+            a.identity.address,
+            a.identity.mac,
+            &a.published,
+            req.egress,
+            req.peers,
+        )
+    }
+
+    /// What a running clone holds, from its lease (an adopted clone).
+    fn leased(vm_id: &str) -> Option<InstanceNet> {
+        let lease = crate::vmnet::network().ok()?.lease(vm_id).ok()??;
+        Some(InstanceNet::new(
+            lease.address,
+            proto::launch::MacAddr::derived(vm_id),
+            &lease.publish,
+            lease.egress,
+            lease.peers,
+        ))
+    }
 }
 
 /// Status of a master.
@@ -462,6 +539,7 @@ struct Instance {
     agent: Option<SharedAgent>,
     memory_cache: Option<(Instant, MemoryUse)>,
     ended_at: Option<Instant>,
+    net: Option<InstanceNet>,
 }
 
 /// An instance's kept agent connection (reconnected when it broke).
@@ -597,6 +675,8 @@ impl Runtime {
             if let Some(fd) = vmm.pidfd() {
                 let _ = self.watcher.watch(&rec.id, fd);
             }
+            let had_nic = self.store.master(&rec.master).is_ok_and(|m| m.net);
+            let net = had_nic.then(|| InstanceNet::leased(&rec.id)).flatten();
             t.instances.insert(
                 rec.id.clone(),
                 Instance {
@@ -616,6 +696,7 @@ impl Runtime {
                     agent: Some(Arc::new(Mutex::new(None))),
                     memory_cache: None,
                     ended_at: None,
+                    net,
                 },
             );
         }
@@ -1166,6 +1247,10 @@ impl Runtime {
                     agent: None,
                     memory_cache: None,
                     ended_at: None,
+                    net: spawned
+                        .net
+                        .as_ref()
+                        .map(|a| InstanceNet::attached(a, &owner.net)),
                 },
             );
         }
@@ -1236,6 +1321,7 @@ impl Runtime {
             ttl_deadline_unix_s: i.ttl_deadline_unix_s,
             timings: Timings::from(&i.timeline),
             memory: i.memory_cache.map(|(_, m)| m),
+            net: i.net.clone(),
         }
     }
 
