@@ -77,7 +77,7 @@ fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong, data
     }
 }
 
-/// PID 1 setup: filesystems, hostname, power signals.
+/// PID 1 setup: filesystems, hostname, loopback, power signals.
 pub fn setup_pid1() {
     const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
     mount(
@@ -119,6 +119,10 @@ pub fn setup_pid1() {
     // SAFETY: `name` is valid for its length.
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
         sys::log(&format!("sethostname: {}", io::Error::last_os_error()));
+    }
+    // Programs reach their own servers on 127.0.0.1 (clones inherit it).
+    if let Err(e) = crate::net::loopback_up() {
+        sys::log(&e);
     }
     install_power_signals();
 }

@@ -3,10 +3,23 @@
 //! datagram socket. No `ip` process is spawned: a fork+exec costs ~1.6 s of
 //! emulated guest kernel on some hosts, a few ioctls cost milliseconds.
 //!
-//! The interface is taken down first: that flushes what a clone inherited
-//! from its master on it (neighbour (ARP) entries, routes through the
-//! device, the master's address is replaced), then the clone's MAC and
-//! address are set and it comes up with a default route via the gateway.
+//! The interface stays up (a clone's was brought up by its master):
+//! taking it down and up again costs the guest kernel a device close and
+//! open (freeing and refilling the receive ring), which was most of the
+//! ~200 ms a clone's network identity took on hosts that emulate guest
+//! kernel code. Instead:
+//! - the MAC is changed live (virtio-net allows it);
+//! - replacing the address removes the device's last one for a moment,
+//!   and the kernel then drops what a clone inherited from its master on
+//!   that device: its neighbour (ARP) entries and its routes;
+//! - the netmask, the default route via the gateway, and `IFF_UP` if the
+//!   interface was down (a master's first identity).
+//!
+//! A driver that cannot change its MAC while up (`EBUSY`) gets the old
+//! way: down, MAC, up.
+//!
+//! [`loopback_up`] brings `lo` up at boot, so that programs reach their own
+//! servers on `127.0.0.1` (and clones inherit it).
 //!
 //! It must not: touch any other interface, or leave the interface half set
 //! without saying so (each step's failure names the step).
@@ -64,26 +77,52 @@ fn netmask(prefix_len: u8) -> u32 {
 /// Applies a validated network identity. PID 1 (or `CAP_NET_ADMIN`) only.
 pub fn apply(n: &NetIdentity) -> Result<(), String> {
     let step = |what: &str, r: io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
-    // SAFETY: socket() with constant arguments; the result is checked.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
-        .map_err(|e| format!("open a socket for interface ioctls: {e}"))?;
-    // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = socket()?;
     let s = Sock(&sock, &n.interface);
 
     let flags = s
         .flags()
         .map_err(|e| format!("find {}: {e}", n.interface))?;
-    step("take the interface down", s.set_flags(flags & !IFF_UP))?;
-    step("set the MAC address", s.set_mac(&n.mac.0))?;
+    match s.set_mac(&n.mac.0) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && flags & IFF_UP != 0 => {
+            step("take the interface down", s.set_flags(flags & !IFF_UP))?;
+            step("set the MAC address", s.set_mac(&n.mac.0))?;
+            step("bring the interface up", s.set_flags(flags))?;
+        }
+        Err(e) => return Err(format!("set the MAC address: {e}")),
+    }
     step("set the address", s.set_addr(libc::SIOCSIFADDR, n.address))?;
     step(
         "set the netmask",
         s.set_addr(libc::SIOCSIFNETMASK, Ipv4Addr::from(netmask(n.prefix_len))),
     )?;
-    step("bring the interface up", s.set_flags(flags | IFF_UP))?;
+    if flags & IFF_UP == 0 {
+        step("bring the interface up", s.set_flags(flags | IFF_UP))?;
+    }
     step("add the default route", s.add_default_route(n.gateway))?;
     Ok(())
+}
+
+/// Brings the loopback interface up (at boot; a no-op when it is up).
+pub fn loopback_up() -> Result<(), String> {
+    let sock = socket()?;
+    let s = Sock(&sock, "lo");
+    let flags = s.flags().map_err(|e| format!("find lo: {e}"))?;
+    if flags & IFF_UP == 0 {
+        s.set_flags(flags | IFF_UP)
+            .map_err(|e| format!("bring lo up: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A datagram socket for interface ioctls.
+fn socket() -> Result<OwnedFd, String> {
+    // SAFETY: socket() with constant arguments; the result is checked.
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
+        .map_err(|e| format!("open a socket for interface ioctls: {e}"))?;
+    // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 const IFF_UP: libc::c_short = libc::IFF_UP as libc::c_short;
