@@ -132,6 +132,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // A failed test leaves no VM running (nor its address leased).
+        if std::thread::panicking() {
+            kill_processes_mentioning(&self.dir);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
