@@ -41,6 +41,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Applies a validated [`Identity`] to the system.
 pub type ApplyIdentity = dyn Fn(&Identity) -> Result<(), String> + Send + Sync;
 
+/// What [`Agent::prepare_freeze`] is.
+pub type PrepareFreeze = dyn Fn() -> Result<u32, String> + Send + Sync;
+
 /// What every connection of the agent shares.
 pub struct Agent {
     /// The environment commands start with (request variables are added).
@@ -53,6 +56,9 @@ pub struct Agent {
     /// Applies a validated identity (the real one changes the system:
     /// PID 1 only).
     pub apply_identity: Box<ApplyIdentity>,
+    /// Drops what a clone must not inherit before a master's freeze;
+    /// returns how many connections it aborted.
+    pub prepare_freeze: Box<PrepareFreeze>,
 }
 
 /// The connection is finished (closed by the host, broken or shut down).
@@ -115,6 +121,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 Ok(HostFrame::Request(Request::Shutdown)) => return self.shutdown(agent),
                 Ok(HostFrame::Request(Request::Exec(req))) => self.exec(agent, &req)?,
                 Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
+                Ok(HostFrame::Request(Request::PrepareFreeze)) => self.prepare_freeze(agent)?,
             }
         }
     }
@@ -142,6 +149,15 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
         match (agent.apply_identity)(id) {
             Ok(()) => self.send(Response::IdentitySet),
             // A valid request the system refused (an ioctl, the clock).
+            Err(message) => self.send_error(ErrorCode::Internal, message),
+        }
+    }
+
+    fn prepare_freeze(&mut self, agent: &Agent) -> Flow {
+        match (agent.prepare_freeze)() {
+            Ok(connections_aborted) => self.send(Response::FreezeReady {
+                connections_aborted,
+            }),
             Err(message) => self.send_error(ErrorCode::Internal, message),
         }
     }
@@ -412,6 +428,10 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 )?,
                 Ok(HostFrame::Request(Request::Shutdown)) => return self.shutdown(agent),
                 Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
+                Ok(HostFrame::Request(Request::PrepareFreeze)) => self.send_error(
+                    ErrorCode::InvalidRequest,
+                    "a command is running on this connection: a master is frozen idle".into(),
+                )?,
             }
         }
         run.flush_stdin();

@@ -20,6 +20,7 @@ mod conn;
 mod identity;
 mod init;
 mod net;
+mod netlink;
 mod reaper;
 mod spawn;
 mod sys;
@@ -90,6 +91,13 @@ fn run() -> ! {
                 identity::apply(id)
             } else {
                 Err("not the guest's init: identity not applied".into())
+            }
+        }),
+        prepare_freeze: Box::new(move || {
+            if pid1 {
+                net::prepare_freeze()
+            } else {
+                Err("not the guest's init: nothing prepared".into())
             }
         }),
     }));

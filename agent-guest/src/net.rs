@@ -1,22 +1,19 @@
 //! A VM's network identity, applied in-process: MAC, IPv4 address and
-//! default route set on the virtio-net interface with `ioctl`s on one
-//! datagram socket. No `ip` process is spawned: a fork+exec costs ~1.6 s of
-//! emulated guest kernel on some hosts, a few ioctls cost milliseconds.
+//! default route set on the virtio-net interface with a few `ioctl`s and
+//! one netlink request. No `ip` process is spawned: a fork+exec costs
+//! ~1.6 s of emulated guest kernel on some hosts, these cost milliseconds.
 //!
 //! The interface stays up (a clone's was brought up by its master):
 //! taking it down and up again costs the guest kernel a device close and
-//! open (freeing and refilling the receive ring), which was most of the
-//! ~200 ms a clone's network identity took on hosts that emulate guest
-//! kernel code. Instead:
-//! - the MAC is changed live (virtio-net allows it);
-//! - replacing the address removes the device's last one for a moment,
-//!   and the kernel then drops what a clone inherited from its master on
-//!   that device: its neighbour (ARP) entries and its routes;
-//! - the netmask, the default route via the gateway, and `IFF_UP` if the
-//!   interface was down (a master's first identity).
-//!
-//! A driver that cannot change its MAC while up (`EBUSY`) gets the old
-//! way: down, MAC, up.
+//! open. The MAC is changed live (virtio-net allows it; a driver that
+//! cannot, `EBUSY`, is taken down for it). The address is added with its
+//! prefix in one netlink request ([`crate::netlink`]): the master removed
+//! its own before it was frozen ([`prepare_freeze`]), and with it its
+//! routes and neighbour (ARP) entries, so a clone inherits none of them
+//! and only adds its own. Setting it with the `SIOCSIFADDR` and
+//! `SIOCSIFNETMASK` ioctls deleted and re-inserted it twice: ~90 of the
+//! ~115 ms a clone's network identity took on a host that emulates guest
+//! kernel code. An interface that still has an address loses it first.
 //!
 //! [`loopback_up`] brings `lo` up at boot, so that programs reach their own
 //! servers on `127.0.0.1` (and clones inherit it).
@@ -74,6 +71,9 @@ fn netmask(prefix_len: u8) -> u32 {
     u32::MAX << (32 - u32::from(prefix_len.clamp(1, 32)))
 }
 
+/// The identity last applied (what a master's freeze takes back).
+static APPLIED: std::sync::Mutex<Option<NetIdentity>> = std::sync::Mutex::new(None);
+
 /// Applies a validated network identity. PID 1 (or `CAP_NET_ADMIN`) only.
 pub fn apply(n: &NetIdentity) -> Result<(), String> {
     let step = |what: &str, r: io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
@@ -83,6 +83,9 @@ pub fn apply(n: &NetIdentity) -> Result<(), String> {
     let flags = s
         .flags()
         .map_err(|e| format!("find {}: {e}", n.interface))?;
+    let index = s
+        .index()
+        .map_err(|e| format!("find the index of {}: {e}", n.interface))?;
     match s.set_mac(&n.mac.0) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) && flags & IFF_UP != 0 => {
@@ -92,16 +95,58 @@ pub fn apply(n: &NetIdentity) -> Result<(), String> {
         }
         Err(e) => return Err(format!("set the MAC address: {e}")),
     }
-    step("set the address", s.set_addr(libc::SIOCSIFADDR, n.address))?;
-    step(
-        "set the netmask",
-        s.set_addr(libc::SIOCSIFNETMASK, Ipv4Addr::from(netmask(n.prefix_len))),
-    )?;
+    // A master's freeze removed its address; an interface that still has
+    // one (an identity applied twice, a master frozen by an older host)
+    // loses it first, and with it the routes and neighbours it had.
+    match s.addr().map_err(|e| format!("read the address: {e}"))? {
+        Some(old) if old == (n.address, n.prefix_len) => {}
+        Some((a, len)) => {
+            step(
+                "remove the old address",
+                crate::netlink::del_addr(index, a, len),
+            )?;
+            step(
+                "set the address",
+                crate::netlink::add_addr(index, n.address, n.prefix_len),
+            )?;
+        }
+        None => step(
+            "set the address",
+            crate::netlink::add_addr(index, n.address, n.prefix_len),
+        )?,
+    }
     if flags & IFF_UP == 0 {
         step("bring the interface up", s.set_flags(flags | IFF_UP))?;
     }
     step("add the default route", s.add_default_route(n.gateway))?;
+    *APPLIED.lock().unwrap_or_else(|p| p.into_inner()) = Some(n.clone());
     Ok(())
+}
+
+/// What a master drops right before it is frozen, so that no clone
+/// inherits it: every TCP connection that leaves the guest is aborted (its
+/// program gets `ECONNABORTED`, in the master's clones too, and its peer a
+/// reset, instead of a connection that hangs until it times out), then the
+/// address its identity set is removed (with it its routes and
+/// neighbours), so that a clone's identity only adds its own. Returns how
+/// many connections were aborted.
+pub fn prepare_freeze() -> Result<u32, String> {
+    let aborted = crate::netlink::abort_tcp(|c| !c.local.is_loopback()).map_err(|e| {
+        format!("abort the TCP connections (the guest kernel needs CONFIG_INET_DIAG_DESTROY): {e}")
+    })?;
+    let applied = APPLIED.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(n) = applied {
+        let sock = socket()?;
+        let s = Sock(&sock, &n.interface);
+        let index = s
+            .index()
+            .map_err(|e| format!("find {}: {e}", n.interface))?;
+        if let Some((a, len)) = s.addr().map_err(|e| format!("read the address: {e}"))? {
+            crate::netlink::del_addr(index, a, len)
+                .map_err(|e| format!("remove the address {a}: {e}"))?;
+        }
+    }
+    Ok(aborted)
 }
 
 /// Brings the loopback interface up (at boot; a no-op when it is up).
@@ -154,6 +199,34 @@ impl Sock<'_> {
         Ok(unsafe { r.ifr_ifru.ifru_flags })
     }
 
+    fn index(&self) -> io::Result<u32> {
+        let mut r = self.ifreq();
+        self.ioctl(libc::SIOCGIFINDEX, &mut r)?;
+        // SAFETY: SIOCGIFINDEX filled the index member of the union.
+        Ok(unsafe { r.ifr_ifru.ifru_ifindex } as u32)
+    }
+
+    /// Its IPv4 address and prefix length, if it has one.
+    fn addr(&self) -> io::Result<Option<(Ipv4Addr, u8)>> {
+        let get = |request| -> io::Result<Option<Ipv4Addr>> {
+            let mut r = self.ifreq();
+            match self.ioctl(request, &mut r) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            // SAFETY: the request filled the address member with a
+            // sockaddr_in (AF_INET socket).
+            let sin: libc::sockaddr_in = unsafe { std::mem::transmute(r.ifr_ifru.ifru_addr) };
+            Ok(Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+        };
+        let Some(addr) = get(libc::SIOCGIFADDR)? else {
+            return Ok(None);
+        };
+        let mask = get(libc::SIOCGIFNETMASK)?.map_or(32, |m| u32::from(m).count_ones() as u8);
+        Ok(Some((addr, mask)))
+    }
+
     fn set_flags(&self, flags: libc::c_short) -> io::Result<()> {
         let mut r = self.ifreq();
         r.ifr_ifru.ifru_flags = flags;
@@ -170,12 +243,6 @@ impl Sock<'_> {
         }
         r.ifr_ifru.ifru_hwaddr = a;
         self.ioctl(libc::SIOCSIFHWADDR, &mut r)
-    }
-
-    fn set_addr(&self, request: libc::c_ulong, addr: Ipv4Addr) -> io::Result<()> {
-        let mut r = self.ifreq();
-        r.ifr_ifru.ifru_addr = sockaddr_in(addr);
-        self.ioctl(request, &mut r)
     }
 
     fn add_default_route(&self, gateway: Ipv4Addr) -> io::Result<()> {

@@ -28,6 +28,7 @@ fn agent() -> &'static Agent {
             IDENTITIES.lock().unwrap().push(id.hostname.clone());
             Ok(())
         }),
+        prepare_freeze: Box::new(|| Ok(3)),
     })
 }
 
@@ -537,6 +538,19 @@ fn identity_is_validated_then_applied() {
         }
     ));
     assert!(!IDENTITIES.lock().unwrap().contains(&"clone-8".to_string()));
+    h.ping();
+}
+
+#[test]
+fn a_freeze_is_prepared_and_says_what_it_aborted() {
+    let mut h = Host::connect();
+    h.request(Request::PrepareFreeze);
+    assert_eq!(
+        h.recv_response(),
+        Response::FreezeReady {
+            connections_aborted: 3
+        }
+    );
     h.ping();
 }
 

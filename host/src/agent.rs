@@ -256,6 +256,22 @@ impl AgentClient {
         }
     }
 
+    /// Readies a master's guest for its freeze (see
+    /// [`Request::PrepareFreeze`]); returns how many TCP connections it
+    /// aborted.
+    pub fn prepare_freeze(&mut self) -> Result<u32, AgentError> {
+        self.send(Request::PrepareFreeze)?;
+        match self.next()? {
+            AgentFrame::Response(Response::FreezeReady {
+                connections_aborted,
+            }) => Ok(connections_aborted),
+            AgentFrame::Response(Response::Error { code, message }) => {
+                Err(AgentError::Remote { code, message })
+            }
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Asks the guest to power off.
     pub fn shutdown(&mut self) -> Result<(), AgentError> {
         self.send(Request::Shutdown)?;

@@ -206,6 +206,16 @@ fn create_in(
         }
         warmup_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
     }
+    // What a clone must not inherit: the warm-up's TCP connections to
+    // the outside (aborted: every clone's program sees the error at once,
+    // instead of a connection that hangs) and the master's address.
+    let aborted = agent.prepare_freeze()?;
+    if aborted > 0 {
+        progress(
+            Phase::Warming,
+            &format!("aborted {aborted} TCP connection(s) of the warm-up: clones see them reset"),
+        );
+    }
     agent.ping()?;
     // Closed before the freeze: a clone must not inherit a connection.
     drop(agent);

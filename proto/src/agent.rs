@@ -332,6 +332,12 @@ pub enum Request {
     /// Makes this guest unique: sent right after a clone resumes, before
     /// anything else runs in it. Answered with [`Response::IdentitySet`].
     Identity(Identity),
+    /// Sent to a master right before it is frozen: the agent aborts the
+    /// TCP connections that leave the guest (their programs see
+    /// `ECONNABORTED`, in every clone; their peers get a reset) and removes
+    /// the address its network identity set, so that a clone inherits
+    /// neither. Answered with [`Response::FreezeReady`].
+    PrepareFreeze,
 }
 
 /// What makes one VM different from its siblings (see "Restoring
@@ -446,6 +452,11 @@ pub enum Response {
     ShuttingDown,
     /// Answer to [`Request::Identity`]: every part was applied.
     IdentitySet,
+    /// Answer to [`Request::PrepareFreeze`]: the guest may be frozen.
+    FreezeReady {
+        /// TCP connections aborted.
+        connections_aborted: u32,
+    },
 }
 
 /// How a command ended.
@@ -567,6 +578,9 @@ mod tests {
                 message: "nope: command not found".into(),
             },
             Response::ShuttingDown,
+            Response::FreezeReady {
+                connections_aborted: 2,
+            },
         ] {
             agent_round_trip(AgentFrame::Response(resp));
         }
@@ -603,6 +617,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::Ping).unwrap(),
             r#"{"type":"ping"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::PrepareFreeze).unwrap(),
+            r#"{"type":"prepare_freeze"}"#
         );
         // Optional fields may be left out.
         let min: Request = serde_json::from_str(r#"{"type":"exec","argv":["ls"]}"#).unwrap();

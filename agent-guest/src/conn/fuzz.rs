@@ -31,6 +31,7 @@ fn agent() -> Agent {
         reaper: None,
         shutdown: Box::new(|| {}),
         apply_identity: Box::new(|_| Ok(())),
+        prepare_freeze: Box::new(|| Ok(0)),
     }
 }
 
@@ -76,6 +77,7 @@ fn host_frame() -> impl Strategy<Value = HostFrame> {
     prop_oneof![
         3 => Just(HostFrame::Request(Request::Ping)),
         1 => Just(HostFrame::Request(Request::Shutdown)),
+        1 => Just(HostFrame::Request(Request::PrepareFreeze)),
         1 => proptest::collection::vec(name(), 0..3)
             .prop_map(|argv| HostFrame::Request(Request::Exec(ExecRequest::new(argv)))),
         1 => (name(), 0usize..600, any::<u64>()).prop_map(|(hostname, n, wall_clock_ns)| {
@@ -121,6 +123,7 @@ enum Answer {
     /// An error (of any code: an exec is refused for several reasons).
     Error,
     IdentitySet,
+    FreezeReady,
     ShuttingDown,
 }
 
@@ -145,6 +148,7 @@ fn expected_answers(stream: &[u8]) -> Vec<Answer> {
                             Err(_) => Answer::Error,
                         })
                     }
+                    HostFrame::Request(Request::PrepareFreeze) => answers.push(Answer::FreezeReady),
                     HostFrame::Request(Request::Shutdown) => {
                         answers.push(Answer::ShuttingDown);
                         return answers;
@@ -266,6 +270,7 @@ proptest! {
                 AgentFrame::Response(Response::Pong { .. }) => Answer::Pong,
                 AgentFrame::Response(Response::Error { .. }) => Answer::Error,
                 AgentFrame::Response(Response::IdentitySet) => Answer::IdentitySet,
+                AgentFrame::Response(Response::FreezeReady { .. }) => Answer::FreezeReady,
                 AgentFrame::Response(Response::ShuttingDown) => Answer::ShuttingDown,
                 other => panic!("unexpected answer {other:?}"),
             })
