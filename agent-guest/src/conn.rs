@@ -41,6 +41,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Applies a validated [`Identity`] to the system.
 pub type ApplyIdentity = dyn Fn(&Identity) -> Result<(), String> + Send + Sync;
 
+/// Starts the TCP test server on a port ([`crate::net_test`]); returns the
+/// port it listens on, or the error to answer with.
+pub type StartNetTest = dyn Fn(u16) -> Result<u16, (ErrorCode, String)> + Send + Sync;
+
 /// What every connection of the agent shares.
 pub struct Agent {
     /// The environment commands start with (request variables are added).
@@ -53,6 +57,9 @@ pub struct Agent {
     /// Applies a validated identity (the real one changes the system:
     /// PID 1 only).
     pub apply_identity: Box<ApplyIdentity>,
+    /// Starts the TCP test server (the real one listens on every guest
+    /// address).
+    pub start_net_test: Box<StartNetTest>,
 }
 
 /// The connection is finished (closed by the host, broken or shut down).
@@ -115,6 +122,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 Ok(HostFrame::Request(Request::Shutdown)) => return self.shutdown(agent),
                 Ok(HostFrame::Request(Request::Exec(req))) => self.exec(agent, &req)?,
                 Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
+                Ok(HostFrame::Request(Request::NetTest { port })) => self.net_test(agent, port)?,
             }
         }
     }
@@ -143,6 +151,13 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
             Ok(()) => self.send(Response::IdentitySet),
             // A valid request the system refused (an ioctl, the clock).
             Err(message) => self.send_error(ErrorCode::Internal, message),
+        }
+    }
+
+    fn net_test(&mut self, agent: &Agent, port: u16) -> Flow {
+        match (agent.start_net_test)(port) {
+            Ok(port) => self.send(Response::NetTestListening { port }),
+            Err((code, message)) => self.send_error(code, message),
         }
     }
 
@@ -412,6 +427,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 )?,
                 Ok(HostFrame::Request(Request::Shutdown)) => return self.shutdown(agent),
                 Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
+                Ok(HostFrame::Request(Request::NetTest { port })) => self.net_test(agent, port)?,
             }
         }
         run.flush_stdin();
