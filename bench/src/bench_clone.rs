@@ -1873,7 +1873,12 @@ impl CloneReport {
             }
         }
         if let Some(n) = &self.net {
-            let f = |v: &[Transfer]| mb_s(v).map_or("-".to_string(), |x| format!("{x:.1}"));
+            // Two decimals for what a slow guest gives (under 10 MB/s).
+            let f = |v: &[Transfer]| match mb_s(v) {
+                None => "-".to_string(),
+                Some(x) if x < 10.0 => format!("{x:.2}"),
+                Some(x) => format!("{x:.1}"),
+            };
             let rounds = n.upload.len();
             t.push_str(&format!(
                 "network host -> clone: {} MB/s through the published port 127.0.0.1:{}, {} MB/s direct; clone -> host: {} MB/s, {} MB/s ({rounds} transfers each, up to {} MiB or {:.0} s)\n",
@@ -2275,6 +2280,11 @@ mod tests {
             "{up}"
         );
         assert!(up.contains("clone -> host: 50.0 MB/s, - MB/s"), "{up}");
+        let mut slow = synthetic();
+        if let Some(n) = slow.net.as_mut() {
+            n.download[0].bytes = 500_000;
+        }
+        assert!(slow.to_table().contains("clone -> host: 0.50 MB/s"));
         let lat = line("request latency through the published port");
         assert!(lat.contains("p50 50.00 ms, p99 99.00 ms"), "{lat}");
         let mut r = synthetic();
