@@ -43,6 +43,9 @@ pub type ApplyIdentity = dyn Fn(&Identity) -> Result<(), String> + Send + Sync;
 
 /// What [`Agent::prepare_freeze`] is.
 pub type PrepareFreeze = dyn Fn() -> Result<u32, String> + Send + Sync;
+/// Starts the TCP test server on a port ([`crate::net_test`]); returns the
+/// port it listens on, or the error to answer with.
+pub type StartNetTest = dyn Fn(u16) -> Result<u16, (ErrorCode, String)> + Send + Sync;
 
 /// What every connection of the agent shares.
 pub struct Agent {
@@ -59,6 +62,9 @@ pub struct Agent {
     /// Drops what a clone must not inherit before a master's freeze;
     /// returns how many connections it aborted.
     pub prepare_freeze: Box<PrepareFreeze>,
+    /// Starts the TCP test server (the real one listens on every guest
+    /// address).
+    pub start_net_test: Box<StartNetTest>,
 }
 
 /// The connection is finished (closed by the host, broken or shut down).
@@ -122,6 +128,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 Ok(HostFrame::Request(Request::Exec(req))) => self.exec(agent, &req)?,
                 Ok(HostFrame::Request(Request::Identity(id))) => self.identity(agent, &id)?,
                 Ok(HostFrame::Request(Request::PrepareFreeze)) => self.prepare_freeze(agent)?,
+                Ok(HostFrame::Request(Request::NetTest { port })) => self.net_test(agent, port)?,
             }
         }
     }
@@ -159,6 +166,13 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 connections_aborted,
             }),
             Err(message) => self.send_error(ErrorCode::Internal, message),
+        }
+    }
+
+    fn net_test(&mut self, agent: &Agent, port: u16) -> Flow {
+        match (agent.start_net_test)(port) {
+            Ok(port) => self.send(Response::NetTestListening { port }),
+            Err((code, message)) => self.send_error(code, message),
         }
     }
 
@@ -432,6 +446,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                     ErrorCode::InvalidRequest,
                     "a command is running on this connection: a master is frozen idle".into(),
                 )?,
+                Ok(HostFrame::Request(Request::NetTest { port })) => self.net_test(agent, port)?,
             }
         }
         run.flush_stdin();

@@ -3,7 +3,8 @@
 //! Boots the userspace side of the guest (console marker, mounts,
 //! hostname), reaps every process, and answers the host over vsock port
 //! [`proto::AGENT_VSOCK_PORT`]: Ping, Exec (with streamed stdin, stdout and
-//! stderr) and Shutdown. See `docs/agent-protocol.md`.
+//! stderr), Identity, NetTest (a TCP test server, [`net_test`]) and
+//! Shutdown. See `docs/agent-protocol.md`.
 //!
 //! Guest kernel code is emulated and slow (a syscall ~0.5 ms), guest user
 //! code is native: the agent avoids syscalls above all. It has no Rust
@@ -20,6 +21,7 @@ mod conn;
 mod identity;
 mod init;
 mod net;
+mod net_test;
 mod netlink;
 mod reaper;
 mod spawn;
@@ -100,6 +102,7 @@ fn run() -> ! {
                 Err("not the guest's init: nothing prepared".into())
             }
         }),
+        start_net_test: Box::new(|port| net_test::start(port).map_err(|e| e.to_error())),
     }));
 
     let Some(listener) = listener else {

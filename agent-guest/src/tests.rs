@@ -29,6 +29,13 @@ fn agent() -> &'static Agent {
             Ok(())
         }),
         prepare_freeze: Box::new(|| Ok(3)),
+        // The real server, on the loopback only.
+        start_net_test: Box::new(|port| {
+            static SERVERS: crate::net_test::Servers = crate::net_test::Servers::new();
+            SERVERS
+                .start(std::net::Ipv4Addr::LOCALHOST, port)
+                .map_err(|e| e.to_error())
+        }),
     })
 }
 
@@ -551,6 +558,46 @@ fn a_freeze_is_prepared_and_says_what_it_aborted() {
             connections_aborted: 3
         }
     );
+    h.ping();
+}
+
+#[test]
+fn net_test_starts_a_server_once() {
+    use std::io::Read;
+    let mut h = Host::connect();
+    h.request(Request::NetTest { port: 0 });
+    let port = match h.recv_response() {
+        Response::NetTestListening { port } => port,
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(port, 0);
+    // Serving: a sink connection gets its count.
+    let mut s = crate::net_test::connect(port);
+    s.write_all(b"s12345").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).unwrap();
+    assert_eq!(u64::from_be_bytes(count), 5);
+    // Asked again, on another connection and during an exec: the same one.
+    let mut h2 = Host::connect();
+    h2.request(Request::NetTest { port });
+    assert_eq!(h2.recv_response(), Response::NetTestListening { port });
+    h2.request(Request::Exec(ExecRequest::new(["sleep", "0.2"])));
+    assert!(matches!(h2.recv_response(), Response::Started { .. }));
+    h2.request(Request::NetTest { port });
+    assert_eq!(h2.recv_response(), Response::NetTestListening { port });
+    assert_eq!(h2.collect().exit, exited(0));
+    // A port another program has: an error, and the connection goes on.
+    let other = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let taken = other.local_addr().unwrap().port();
+    h.request(Request::NetTest { port: taken });
+    match h.recv_response() {
+        Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message,
+        } => assert!(message.contains("in use"), "{message}"),
+        other => panic!("{other:?}"),
+    }
     h.ping();
 }
 

@@ -2,8 +2,9 @@
 //! time its clones against that cold boot (and, with `--peer qemu`, against
 //! QEMU restoring a saved VM): clone latency by phase, creation rate one at a
 //! time and in parallel, an idle clone's CPU and private memory, the same
-//! clone latency from a much bigger master, and (with `--density`) how many
-//! clones one host keeps alive.
+//! clone latency from a much bigger master, a networked clone's throughput
+//! and request latency through a published port, and (with `--density`)
+//! how many clones one host keeps alive.
 //!
 //! Everything the run creates (masters, clones, VM runtime directories) lives
 //! in a private state root of its own, never the user's masters, and is
@@ -15,12 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use proto::ExecRequest;
+use proto::{AgentFrame, ErrorCode, ExecRequest, Frame, HostFrame, Request, Response};
 use serde::Serialize;
 
+use crate::net_probe::{Probe, ProbeError, Transfer};
 use crate::peer::QemuRestoreSample;
 use crate::plot::{PlotError, Series};
-use crate::stats::Summary;
+use crate::stats::{Summary, TailSummary};
 use host::agent::AgentError;
 use host::clone::{CloneError, CloneOptions, Started};
 use host::master::{CreateOptions, MasterError};
@@ -57,6 +59,24 @@ const PING_THREADS: usize = 8;
 const CLONE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time limit of `exec true` in a clone.
 const EXEC_TIMEOUT_MS: u64 = 120_000;
+/// The guest port of the agent's TCP test server in the network part.
+const NET_GUEST_PORT: u16 = 5201;
+/// Each transfer of the network part stops after this many bytes...
+const NET_TRANSFER_BYTES: u64 = 256 << 20;
+/// ...or after this long.
+const NET_TRANSFER_TIME: Duration = Duration::from_secs(3);
+/// Transfers each way, on each path.
+const NET_TRANSFER_ROUNDS: usize = 2;
+/// Requests timed on each path (new connection each, and on one connection).
+const NET_REQUESTS: usize = 200;
+/// Requests sent in a row on one path before the other path's turn.
+const NET_REQUEST_BATCH: usize = 20;
+/// Size of a request (and of its echoed answer).
+const NET_REQUEST_BYTES: usize = 100;
+/// Requests on each path before the timed ones (first connections).
+const NET_WARMUP_REQUESTS: usize = 5;
+/// The requests of one path stop after this long, timed or not.
+const NET_REQUEST_TIME: Duration = Duration::from_secs(30);
 
 /// Errors of `zygote bench clone` that stop the run.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +111,9 @@ pub enum CloneBenchError {
         #[source]
         source: std::io::Error,
     },
+    /// Measuring a clone's network failed.
+    #[error(transparent)]
+    Net(#[from] ProbeError),
     /// Something measured is not what it should be.
     #[error("{0}")]
     Failed(String),
@@ -142,6 +165,46 @@ pub struct Confinement {
     pub jail_only: Vec<CloneSample>,
     /// Clones with no jail and no network.
     pub without: Vec<CloneSample>,
+}
+
+/// A networked clone's network, measured from the host through a
+/// published port on 127.0.0.1 (DNAT) and directly to the clone's address,
+/// in turn, against the agent's TCP test server.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetResult {
+    /// The host port published to the clone.
+    pub host_port: u16,
+    /// The guest port the test server listens on.
+    pub guest_port: u16,
+    /// Each transfer stopped after this many bytes...
+    pub transfer_limit_bytes: u64,
+    /// ...or after this many seconds.
+    pub transfer_limit_s: f64,
+    /// Host -> clone (into the sink), through the published port.
+    pub upload: Vec<Transfer>,
+    /// Clone -> host (from the source), through the published port.
+    pub download: Vec<Transfer>,
+    /// Host -> clone, to the clone's address.
+    pub upload_direct: Vec<Transfer>,
+    /// Clone -> host, to the clone's address.
+    pub download_direct: Vec<Transfer>,
+    /// Size of each request and of its answer.
+    pub request_bytes: usize,
+    /// Connect, send a request, read its echo: ms each, published port.
+    pub request_ms: Vec<f64>,
+    /// The same, to the clone's address.
+    pub request_ms_direct: Vec<f64>,
+    /// A request and its echo on one open connection: ms each, published port.
+    pub round_trip_ms: Vec<f64>,
+    /// The same, to the clone's address.
+    pub round_trip_ms_direct: Vec<f64>,
+}
+
+/// MB/s over all of `v`: its bytes over its time.
+fn mb_s(v: &[Transfer]) -> Option<f64> {
+    let bytes: u64 = v.iter().map(|t| t.bytes).sum();
+    let secs: f64 = v.iter().map(|t| t.secs).sum();
+    (secs > 0.0).then(|| bytes as f64 / secs / 1e6)
 }
 
 /// One clone started on its own.
@@ -318,6 +381,8 @@ pub struct CloneReport {
     pub clones: Vec<CloneSample>,
     /// With and without jail and network, in turn.
     pub confinement: Option<Confinement>,
+    /// A networked clone's throughput and request latency.
+    pub net: Option<NetResult>,
     /// Clones started in parallel.
     pub parallel: Option<ParallelResult>,
     /// Clones spawned at once, to vCPUs running.
@@ -653,6 +718,115 @@ impl Ctx<'_> {
             ));
         }
         Ok(c)
+    }
+
+    /// One networked clone with a published port, its agent's TCP test
+    /// server started: throughput each way and request latency, through
+    /// the published port on 127.0.0.1 and directly to its address, in
+    /// turn (so drift hits both alike).
+    fn network(&mut self) -> Result<NetResult, CloneBenchError> {
+        let master = self
+            .ws
+            .store
+            .master(MASTER)
+            .map_err(|e| CloneBenchError::Failed(e.to_string()))?;
+        let host_port = free_host_port()?;
+        let owner = host::clone::Ownership {
+            jail: Some(self.opts.jail),
+            net: host::vmnet::NetRequest {
+                publish: vec![host::net::Publish {
+                    host_port,
+                    guest_port: NET_GUEST_PORT,
+                    protocol: host::net::Protocol::Tcp,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let s = host::clone::spawn(&self.ws.store, &master, false, &owner)
+            .and_then(|s| host::clone::handshake(s, CLONE_TIMEOUT))
+            .map_err(|e| CloneBenchError::Failed(e.to_string()))?;
+        let (id, uds) = (s.id.clone(), s.vmm.vsock_path());
+        let address = s.net.as_ref().map(|a| a.identity.address);
+        self.ws.live.push(s);
+        let address =
+            address.ok_or_else(|| CloneBenchError::Failed(format!("clone {id} has no network")))?;
+        let guest_port = start_net_test(&id, &uds, NET_GUEST_PORT)?;
+        let published = Probe {
+            addr: (std::net::Ipv4Addr::LOCALHOST, host_port).into(),
+        };
+        let direct = Probe {
+            addr: (address, guest_port).into(),
+        };
+        self.say(&format!(
+            "network: clone {id}, test server on port {guest_port}, published as {}, direct {}",
+            published.addr, direct.addr
+        ));
+        let mut r = NetResult {
+            host_port,
+            guest_port,
+            transfer_limit_bytes: NET_TRANSFER_BYTES,
+            transfer_limit_s: NET_TRANSFER_TIME.as_secs_f64(),
+            upload: Vec::new(),
+            download: Vec::new(),
+            upload_direct: Vec::new(),
+            download_direct: Vec::new(),
+            request_bytes: NET_REQUEST_BYTES,
+            request_ms: Vec::new(),
+            request_ms_direct: Vec::new(),
+            round_trip_ms: Vec::new(),
+            round_trip_ms_direct: Vec::new(),
+        };
+        for p in [&published, &direct] {
+            p.requests(NET_WARMUP_REQUESTS, NET_REQUEST_BYTES, NET_REQUEST_TIME)?;
+        }
+        let t = Instant::now();
+        while r.request_ms.len() < NET_REQUESTS && t.elapsed() < NET_REQUEST_TIME {
+            check_interrupted()?;
+            for (p, v) in [
+                (&published, &mut r.request_ms),
+                (&direct, &mut r.request_ms_direct),
+            ] {
+                let n = NET_REQUEST_BATCH.min(NET_REQUESTS - v.len());
+                v.extend(p.requests(n, NET_REQUEST_BYTES, NET_REQUEST_TIME)?);
+            }
+        }
+        for (p, v) in [
+            (&published, &mut r.round_trip_ms),
+            (&direct, &mut r.round_trip_ms_direct),
+        ] {
+            check_interrupted()?;
+            *v = p.round_trips(NET_REQUESTS, NET_REQUEST_BYTES, NET_REQUEST_TIME)?;
+        }
+        let p50 = |v: &[f64]| p50(v.iter().copied()).unwrap_or(f64::NAN);
+        self.say(&format!(
+            "network: {NET_REQUEST_BYTES} B request on a new connection p50 {:.2} ms published, {:.2} ms direct; on one connection {:.2} ms, {:.2} ms",
+            p50(&r.request_ms),
+            p50(&r.request_ms_direct),
+            p50(&r.round_trip_ms),
+            p50(&r.round_trip_ms_direct)
+        ));
+        for _ in 0..NET_TRANSFER_ROUNDS {
+            check_interrupted()?;
+            r.upload
+                .push(published.upload(NET_TRANSFER_BYTES, NET_TRANSFER_TIME)?);
+            r.upload_direct
+                .push(direct.upload(NET_TRANSFER_BYTES, NET_TRANSFER_TIME)?);
+            r.download
+                .push(published.download(NET_TRANSFER_BYTES, NET_TRANSFER_TIME)?);
+            r.download_direct
+                .push(direct.download(NET_TRANSFER_BYTES, NET_TRANSFER_TIME)?);
+        }
+        let f = |v: &[Transfer]| mb_s(v).unwrap_or(f64::NAN);
+        self.say(&format!(
+            "network: host -> clone {:.1} MB/s published, {:.1} MB/s direct; clone -> host {:.1} MB/s, {:.1} MB/s",
+            f(&r.upload),
+            f(&r.upload_direct),
+            f(&r.download),
+            f(&r.download_direct)
+        ));
+        self.ws.kill_live();
+        Ok(r)
     }
 
     fn make_master(
@@ -1032,6 +1206,56 @@ fn start_guarded(
     })
 }
 
+/// A TCP port no one on the host holds now (the kernel's pick).
+fn free_host_port() -> Result<u16, CloneBenchError> {
+    let io = |source| CloneBenchError::Io {
+        path: PathBuf::from("0.0.0.0:0"),
+        source,
+    };
+    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).map_err(io)?;
+    Ok(l.local_addr().map_err(io)?.port())
+}
+
+/// Starts the agent's TCP test server on `port` of clone `id`, over a
+/// connection of its own to the agent at `uds`; returns the port it
+/// listens on.
+fn start_net_test(id: &str, uds: &Path, port: u16) -> Result<u16, CloneBenchError> {
+    let agent = |source| CloneBenchError::Agent {
+        id: id.to_string(),
+        source,
+    };
+    let proto = |e: proto::ProtoError| agent(AgentError::Proto(e));
+    let mut stream = host::agent::connect_vsock(uds, proto::AGENT_VSOCK_PORT).map_err(agent)?;
+    stream
+        .set_read_timeout(Some(CLONE_TIMEOUT))
+        .map_err(|e| proto(e.into()))?;
+    let unexpected = |f: Option<AgentFrame>| {
+        agent(match f {
+            None => AgentError::Closed,
+            Some(f) => AgentError::Unexpected(format!("{f:?}")),
+        })
+    };
+    match AgentFrame::read_from(&mut stream).map_err(proto)? {
+        Some(AgentFrame::Response(Response::Hello { .. })) => {}
+        other => return Err(unexpected(other)),
+    }
+    HostFrame::Request(Request::NetTest { port })
+        .write_to(&mut stream)
+        .map_err(proto)?;
+    match AgentFrame::read_from(&mut stream).map_err(proto)? {
+        Some(AgentFrame::Response(Response::NetTestListening { port })) => Ok(port),
+        Some(AgentFrame::Response(Response::Error { code, message })) => {
+            if code == ErrorCode::InvalidRequest && message.contains("unknown variant") {
+                return Err(CloneBenchError::Failed(format!(
+                    "clone {id}: its agent predates the net_test request: rebuild the guest initramfs (scripts/setup)"
+                )));
+            }
+            Err(agent(AgentError::Remote { code, message }))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// Pings every clone over its open connection, `threads` at a time; clones
 /// that have not answered within `limit` are killed (which ends their
 /// pings). Returns how many answered.
@@ -1123,7 +1347,21 @@ pub fn bench_clone(
         Err(e) => report.errors.push(format!("confinement: {e}")),
     }
 
-    // 2b. Fresh process vs fork() of a prepared one, same snapshot.
+    // 2b. A networked clone's throughput and latency, through a published
+    // port and directly.
+    if opts.net {
+        match ctx.network() {
+            Ok(n) => report.net = Some(n),
+            Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+            Err(e) => {
+                ctx.ws.kill_live();
+                ctx.say(&format!("network: {e}"));
+                report.errors.push(format!("network: {e}"));
+            }
+        }
+    }
+
+    // 2c. Fresh process vs fork() of a prepared one, same snapshot.
     match fork_vs_spawn(&rec, opts.count) {
         Ok(f) => report.fork_vs_spawn = Some(f),
         Err(e) => report.errors.push(format!("fork vs spawn: {e}")),
@@ -1363,6 +1601,29 @@ impl CloneReport {
                 .zip(run(&c.without))
                 .map(|(a, b)| a.p50 - b.p50));
         }
+        if let Some(n) = &self.net {
+            out["net_upload_mb_s"] = serde_json::json!(mb_s(&n.upload));
+            out["net_download_mb_s"] = serde_json::json!(mb_s(&n.download));
+            out["net_upload_mb_s_direct"] = serde_json::json!(mb_s(&n.upload_direct));
+            out["net_download_mb_s_direct"] = serde_json::json!(mb_s(&n.download_direct));
+            out["published_port_request_ms"] = serde_json::json!(TailSummary::of(&n.request_ms));
+            out["published_port_round_trip_ms"] =
+                serde_json::json!(TailSummary::of(&n.round_trip_ms));
+            out["direct_request_ms"] = serde_json::json!(TailSummary::of(&n.request_ms_direct));
+            out["direct_round_trip_ms"] =
+                serde_json::json!(TailSummary::of(&n.round_trip_ms_direct));
+            out["net"] = serde_json::json!({
+                "host_port": n.host_port,
+                "guest_port": n.guest_port,
+                "request_bytes": n.request_bytes,
+                "transfer_limit_bytes": n.transfer_limit_bytes,
+                "transfer_limit_s": n.transfer_limit_s,
+                "upload": n.upload,
+                "download": n.download,
+                "upload_direct": n.upload_direct,
+                "download_direct": n.download_direct,
+            });
+        }
         if let Some(f) = &self.fork_vs_spawn {
             let ms = |v: &[u64]| summary(v.iter().map(|&u| u as f64 / 1000.0));
             out["clone_start_spawn_ms"] = serde_json::json!(ms(&f.spawn_us));
@@ -1556,6 +1817,29 @@ impl CloneReport {
                 summary(d.ready_ms.iter().copied()),
             );
         }
+        if let Some(n) = &self.net {
+            let b = n.request_bytes;
+            for (name, v) in [
+                (
+                    format!("net: {b} B request, new conn, published"),
+                    &n.request_ms,
+                ),
+                (
+                    format!("net: {b} B request, new conn, direct"),
+                    &n.request_ms_direct,
+                ),
+                (
+                    format!("net: {b} B round trip, one conn, published"),
+                    &n.round_trip_ms,
+                ),
+                (
+                    format!("net: {b} B round trip, one conn, direct"),
+                    &n.round_trip_ms_direct,
+                ),
+            ] {
+                row(&mut t, &name, v.len(), summary(v.iter().copied()));
+            }
+        }
         t.push('\n');
         if nc == 1 {
             t.push_str("(one cold boot: each costs a whole boot)\n");
@@ -1587,6 +1871,38 @@ impl CloneReport {
                     "ratio clone -> vCPUs running / qemu restore -> running, p50: {r:.4}\n"
                 ));
             }
+        }
+        if let Some(n) = &self.net {
+            // Two decimals for what a slow guest gives (under 10 MB/s).
+            let f = |v: &[Transfer]| match mb_s(v) {
+                None => "-".to_string(),
+                Some(x) if x < 10.0 => format!("{x:.2}"),
+                Some(x) => format!("{x:.1}"),
+            };
+            let rounds = n.upload.len();
+            t.push_str(&format!(
+                "network host -> clone: {} MB/s through the published port 127.0.0.1:{}, {} MB/s direct; clone -> host: {} MB/s, {} MB/s ({rounds} transfers each, up to {} MiB or {:.0} s)\n",
+                f(&n.upload),
+                n.host_port,
+                f(&n.upload_direct),
+                f(&n.download),
+                f(&n.download_direct),
+                n.transfer_limit_bytes >> 20,
+                n.transfer_limit_s
+            ));
+            let tail = |v: &[f64]| {
+                TailSummary::of(v).map_or("-".to_string(), |s| {
+                    format!("p50 {:.2} ms, p99 {:.2} ms", s.p50, s.p99)
+                })
+            };
+            t.push_str(&format!(
+                "request latency through the published port, {} B on a new connection each: {} (direct: {}); on one connection: {} (direct: {})\n",
+                n.request_bytes,
+                tail(&n.request_ms),
+                tail(&n.request_ms_direct),
+                tail(&n.round_trip_ms),
+                tail(&n.round_trip_ms_direct)
+            ));
         }
         if let Some(r) = self.clones_per_s_sequential() {
             t.push_str(&format!("clones/s one at a time: {r:.1}\n"));
@@ -1766,6 +2082,36 @@ mod tests {
                 jail_only: vec![clone(5.0, 20.0)],
                 without: vec![clone(4.0, 19.0)],
             }),
+            net: Some(NetResult {
+                host_port: 40123,
+                guest_port: 5201,
+                transfer_limit_bytes: 256 << 20,
+                transfer_limit_s: 3.0,
+                upload: vec![
+                    Transfer {
+                        bytes: 100_000_000,
+                        secs: 1.0,
+                    },
+                    Transfer {
+                        bytes: 200_000_000,
+                        secs: 1.0,
+                    },
+                ],
+                download: vec![Transfer {
+                    bytes: 50_000_000,
+                    secs: 1.0,
+                }],
+                upload_direct: vec![Transfer {
+                    bytes: 300_000_000,
+                    secs: 2.0,
+                }],
+                download_direct: vec![],
+                request_bytes: 100,
+                request_ms: (1..=100).map(f64::from).collect(),
+                request_ms_direct: vec![0.5, 0.7],
+                round_trip_ms: vec![0.2, 0.3, 0.4],
+                round_trip_ms_direct: vec![0.1],
+            }),
             parallel: Some(ParallelResult {
                 parallel: 8,
                 started: 20,
@@ -1866,6 +2212,19 @@ mod tests {
         assert_eq!(j["density_alive"], 399);
         assert_eq!(j["clone_running_ms_p50_by_memory_mib"]["2048"], 5.5);
         assert_eq!(j["clone_running_ms_p50_by_memory_mib"]["256"], 5.0);
+        assert_eq!(j["net_upload_mb_s"], 150.0);
+        assert_eq!(j["net_download_mb_s"], 50.0);
+        assert_eq!(j["net_upload_mb_s_direct"], 150.0);
+        assert!(j["net_download_mb_s_direct"].is_null());
+        let req = &j["published_port_request_ms"];
+        assert_eq!(
+            (&req["n"], &req["p50"], &req["p99"]),
+            (&100.into(), &50.0.into(), &99.0.into())
+        );
+        assert_eq!(j["direct_request_ms"]["p50"], 0.5);
+        assert_eq!(j["published_port_round_trip_ms"]["max"], 0.4);
+        assert_eq!(j["direct_round_trip_ms"]["n"], 1);
+        assert_eq!(j["net"]["host_port"], 40123);
     }
 
     #[test]
@@ -1874,13 +2233,19 @@ mod tests {
         r.qemu = None;
         r.density = None;
         r.big = None;
+        r.net = None;
         let j = r.to_json();
+        assert!(j.get("net_upload_mb_s").is_none());
+        assert!(j.get("published_port_request_ms").is_none());
         assert!(j.get("qemu_restore_ms").is_none());
         assert!(j.get("density_alive").is_none());
         assert!(j.get("big_master").is_none());
         let t = r.to_table();
         assert!(!t.contains("qemu"), "{t}");
         assert!(!t.contains("density"), "{t}");
+        assert!(!t.contains("network host"), "{t}");
+        assert!(!t.contains("request latency"), "{t}");
+        assert!(!t.contains("net: "), "{t}");
     }
 
     #[test]
@@ -1907,6 +2272,21 @@ mod tests {
         assert!(line("idle clone CPU").contains("0.10%"));
         assert!(line("idle clone memory").contains("private 1500 KiB"));
         assert!(line("density: ").contains("399 of 400"));
+        assert!(line("net: 100 B request, new conn, published").ends_with("100.0"));
+        assert!(line("net: 100 B round trip, one conn, direct").contains(" 1 "));
+        let up = line("network host -> clone: ");
+        assert!(
+            up.contains("150.0 MB/s through the published port 127.0.0.1:40123"),
+            "{up}"
+        );
+        assert!(up.contains("clone -> host: 50.0 MB/s, - MB/s"), "{up}");
+        let mut slow = synthetic();
+        if let Some(n) = slow.net.as_mut() {
+            n.download[0].bytes = 500_000;
+        }
+        assert!(slow.to_table().contains("clone -> host: 0.50 MB/s"));
+        let lat = line("request latency through the published port");
+        assert!(lat.contains("p50 50.00 ms, p99 99.00 ms"), "{lat}");
         let mut r = synthetic();
         r.errors.push("qemu peer: boom".into());
         assert!(r.to_table().contains("not measured: qemu peer: boom"));

@@ -157,10 +157,12 @@ struct BenchCloneArgs {
     /// Do not jail the VMMs of the main run.
     #[arg(long)]
     no_jail: bool,
-    /// Give the master a NIC and each clone a network (the default).
+    /// Give the master a NIC and each clone a network (the default), and
+    /// measure a networked clone's throughput and request latency through
+    /// a published port.
     #[arg(long, overrides_with = "no_net")]
     net: bool,
-    /// No NIC, no networks.
+    /// No NIC, no networks, no network measurement.
     #[arg(long)]
     no_net: bool,
     /// Guest RAM of the master, in MiB.

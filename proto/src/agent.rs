@@ -338,6 +338,18 @@ pub enum Request {
     /// the address its network identity set, so that a clone inherits
     /// neither. Answered with [`Response::FreezeReady`].
     PrepareFreeze,
+    /// Starts the agent's TCP test server (see [`net_test`]) on `port` of
+    /// every guest address, in-process (nothing is spawned); answered with
+    /// [`Response::NetTestListening`] once it accepts connections. Asking
+    /// again for a port it already serves is answered the same way.
+    ///
+    /// Added without a protocol version change: an agent that predates it
+    /// answers with an `invalid_request` error ("unknown variant").
+    NetTest {
+        /// The guest's TCP port; 0: one the guest's kernel picks (a new
+        /// server on every such request).
+        port: u16,
+    },
 }
 
 /// What makes one VM different from its siblings (see "Restoring
@@ -457,6 +469,11 @@ pub enum Response {
         /// TCP connections aborted.
         connections_aborted: u32,
     },
+    /// Answer to [`Request::NetTest`]: the test server accepts connections.
+    NetTestListening {
+        /// The port it listens on (the one picked, if 0 was asked for).
+        port: u16,
+    },
 }
 
 /// How a command ended.
@@ -504,6 +521,8 @@ pub enum ErrorCode {
     Internal,
 }
 
+pub mod net_test;
+
 #[cfg(test)]
 mod fuzz;
 
@@ -549,6 +568,8 @@ mod tests {
             stdin: true,
             timeout_ms: Some(1500),
         })));
+        host_round_trip(HostFrame::Request(Request::NetTest { port: 0 }));
+        host_round_trip(HostFrame::Request(Request::NetTest { port: u16::MAX }));
         host_round_trip(HostFrame::Stdin(b"some input\0\xff".to_vec()));
         host_round_trip(HostFrame::Stdin(Vec::new()));
         host_round_trip(HostFrame::Stdin(vec![7; MAX_PAYLOAD_LEN]));
@@ -581,6 +602,8 @@ mod tests {
             Response::FreezeReady {
                 connections_aborted: 2,
             },
+            Response::IdentitySet,
+            Response::NetTestListening { port: 5201 },
         ] {
             agent_round_trip(AgentFrame::Response(resp));
         }
@@ -646,6 +669,17 @@ mod tests {
             serde_json::to_string(&Response::ShuttingDown).unwrap(),
             r#"{"type":"shutting_down"}"#
         );
+        assert_eq!(
+            serde_json::to_string(&Request::NetTest { port: 8080 }).unwrap(),
+            r#"{"type":"net_test","port":8080}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::NetTestListening { port: 8080 }).unwrap(),
+            r#"{"type":"net_test_listening","port":8080}"#
+        );
+        // A port out of range is bad JSON, not a truncated port.
+        assert!(serde_json::from_str::<Request>(r#"{"type":"net_test","port":65536}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"net_test"}"#).is_err());
     }
 
     #[test]

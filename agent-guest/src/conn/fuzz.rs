@@ -8,7 +8,7 @@
 //! what the protocol says (a framing error with an error, then the end),
 //! and never buffer more than one checked frame. Test code only: no
 //! command runs (the agent has no reaper, so an exec is refused), and the
-//! identity and shutdown hooks only count.
+//! identity, test server and shutdown hooks do nothing.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -32,6 +32,11 @@ fn agent() -> Agent {
         shutdown: Box::new(|| {}),
         apply_identity: Box::new(|_| Ok(())),
         prepare_freeze: Box::new(|| Ok(0)),
+        // Port 1 stands for one that is taken.
+        start_net_test: Box::new(|port| match port {
+            1 => Err((proto::ErrorCode::InvalidRequest, "in use".into())),
+            port => Ok(port),
+        }),
     }
 }
 
@@ -80,6 +85,8 @@ fn host_frame() -> impl Strategy<Value = HostFrame> {
         1 => Just(HostFrame::Request(Request::PrepareFreeze)),
         1 => proptest::collection::vec(name(), 0..3)
             .prop_map(|argv| HostFrame::Request(Request::Exec(ExecRequest::new(argv)))),
+        1 => prop_oneof![Just(1u16), any::<u16>()]
+            .prop_map(|port| HostFrame::Request(Request::NetTest { port })),
         1 => (name(), 0usize..600, any::<u64>()).prop_map(|(hostname, n, wall_clock_ns)| {
             HostFrame::Request(Request::Identity(Identity {
                 entropy: vec![7; n],
@@ -124,6 +131,7 @@ enum Answer {
     Error,
     IdentitySet,
     FreezeReady,
+    NetTestListening(u16),
     ShuttingDown,
 }
 
@@ -149,6 +157,10 @@ fn expected_answers(stream: &[u8]) -> Vec<Answer> {
                         })
                     }
                     HostFrame::Request(Request::PrepareFreeze) => answers.push(Answer::FreezeReady),
+                    HostFrame::Request(Request::NetTest { port: 1 }) => answers.push(Answer::Error),
+                    HostFrame::Request(Request::NetTest { port }) => {
+                        answers.push(Answer::NetTestListening(port))
+                    }
                     HostFrame::Request(Request::Shutdown) => {
                         answers.push(Answer::ShuttingDown);
                         return answers;
@@ -271,6 +283,9 @@ proptest! {
                 AgentFrame::Response(Response::Error { .. }) => Answer::Error,
                 AgentFrame::Response(Response::IdentitySet) => Answer::IdentitySet,
                 AgentFrame::Response(Response::FreezeReady { .. }) => Answer::FreezeReady,
+                AgentFrame::Response(Response::NetTestListening { port }) => {
+                    Answer::NetTestListening(port)
+                }
                 AgentFrame::Response(Response::ShuttingDown) => Answer::ShuttingDown,
                 other => panic!("unexpected answer {other:?}"),
             })

@@ -144,6 +144,7 @@ fn host_frame() -> impl Strategy<Value = HostFrame> {
     prop_oneof![
         Just(HostFrame::Request(Request::Ping)),
         Just(HostFrame::Request(Request::Shutdown)),
+        any::<u16>().prop_map(|port| HostFrame::Request(Request::NetTest { port })),
         (
             proptest::collection::vec(text(), 0..4),
             any::<Option<u64>>()
@@ -162,6 +163,7 @@ fn host_frame() -> impl Strategy<Value = HostFrame> {
 fn agent_frame() -> impl Strategy<Value = AgentFrame> {
     prop_oneof![
         any::<u64>().prop_map(|uptime_ms| AgentFrame::Response(Response::Pong { uptime_ms })),
+        any::<u16>().prop_map(|port| AgentFrame::Response(Response::NetTestListening { port })),
         text().prop_map(|message| AgentFrame::Response(Response::Error {
             code: ErrorCode::Internal,
             message
