@@ -17,6 +17,8 @@ use serde_json::{json, Value};
 use zygote_tests::{image, kill_processes_mentioning, ok, processes_mentioning, Daemon, Sandbox};
 
 const MASTER: &str = "web";
+/// Its last step waits until the test has connected to port 9000 (0x2328)
+/// from the host: a connection open when the master is frozen.
 /// httpd serves /www; `/cgi-bin/who` answers with the guest's hostname,
 /// MAC and address, read with shell builtins only (each process spawned
 /// in a guest costs seconds of emulated guest kernel on some hosts).
@@ -25,7 +27,9 @@ const WARMUP: &str = "mkdir -p /www/cgi-bin && echo from-master > /www/index.htm
       'read h < /proc/sys/kernel/hostname; read m < /sys/class/net/eth0/address' \
       'p=; a=; while read x y z w; do [ \"$y $z\" = \"host LOCAL\" ] && case $p in 127.*) ;; *) a=$p;; esac; p=$y; done < /proc/net/fib_trie' \
       'echo $h $m $a' > /www/cgi-bin/who && chmod +x /www/cgi-bin/who && \
-    httpd -p 8080 -h /www && ip -4 addr show eth0 && cat /sys/class/net/eth0/address";
+    httpd -p 8080 -h /www && ip -4 addr show eth0 && cat /sys/class/net/eth0/address && \
+    { (sleep 100000 | nc -l -p 9000 > /dev/null; echo $? > /www/conn-end) & } && \
+    until grep -q ':2328 [0-9A-F]*:[0-9A-F]* 01 ' /proc/net/tcp; do sleep 0.2; done";
 /// The issue's count: 20 clones, each reached through its own port.
 const CLONES: usize = 20;
 const FIRST_PORT: u16 = 28080;
@@ -47,6 +51,35 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
         .or_else(|| text.split_once("\n\n"))
         .map(|(_, body)| body.to_string())
         .ok_or(format!("not an HTTP answer: {text:?}"))
+}
+
+/// Connects to port 9000 of the master being made (its address from its
+/// lease, once it has one), retrying until the warm-up listens.
+fn connect_to_warming_master() -> (String, TcpStream) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(400);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the master never listened on 9000"
+        );
+        // Every master lease of that name (one of a failed earlier run
+        // may linger until the next sweep).
+        for id in leases_of(&["web-master-"]) {
+            let path = host::paths::net_state_dir().join("zygote/vms").join(&id);
+            let Some(addr) = std::fs::read(path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| v["address"].as_str().map(str::to_string))
+            else {
+                continue;
+            };
+            let to = format!("{addr}:9000").parse().unwrap();
+            if let Ok(s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                return (id, s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// The VMs holding an address on this host whose ids start with one of
@@ -84,6 +117,9 @@ fn addr_and_mac(text: &str) -> (String, String) {
 fn clones_are_reached_through_their_published_ports_and_are_isolated() {
     let _ = image();
     let sandbox = Sandbox::new("net");
+    // A connection the warm-up has open when the master is frozen: the
+    // host connects to the master's port 9000 while the warm-up waits.
+    let warmup_conn = std::thread::spawn(connect_to_warming_master);
     let out = sandbox.zygote(
         &[
             "master",
@@ -99,6 +135,12 @@ fn clones_are_reached_through_their_published_ports_and_are_isolated() {
     );
     ok(&out, "master create --net");
     let (master_addr, master_mac) = addr_and_mac(&String::from_utf8_lossy(&out.stderr));
+    // The freeze aborted it: its peer got a reset, not a hang.
+    let (master_vm, mut conn) = warmup_conn.join().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let err = conn.read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert!(
         master_addr.starts_with("10."),
         "the master had an address: {out:?}"
@@ -176,6 +218,13 @@ fn clones_are_reached_through_their_published_ports_and_are_isolated() {
         assert!(macs.insert(mac.to_string()), "{id}: MAC {mac} given twice");
         assert_eq!(index.as_deref().map(str::trim), Ok("from-master"), "{id}");
     }
+    // In a clone, the warm-up's connection is reset: its program saw the
+    // error and ended (nc's exit code, not 0).
+    let end = http_get(FIRST_PORT, "/conn-end").unwrap();
+    assert!(
+        !end.trim().is_empty() && end.trim() != "0",
+        "the warm-up's connection did not end in error: {end:?}"
+    );
 
     // Isolation: without --peers a clone cannot reach another; without
     // --egress it cannot reach the host's other addresses.
@@ -236,7 +285,13 @@ fn clones_are_reached_through_their_published_ports_and_are_isolated() {
     ok(&sandbox.zygote(&["master", "rm", MASTER], b""), "master rm");
     let _ = std::fs::remove_dir(sandbox.dir.join("clones"));
     let _ = std::fs::remove_dir(sandbox.dir.join("masters"));
-    let left = leases_of(&["web-"]);
+    // Neither the clones' addresses nor the master's are leased any more.
+    let mine: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .chain([master_vm.as_str(), again.as_str()])
+        .collect();
+    let left = leases_of(&mine);
     assert!(left.is_empty(), "addresses still leased: {left:?}");
     sandbox.assert_clean();
 }
