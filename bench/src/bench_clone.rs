@@ -1588,8 +1588,9 @@ impl CloneReport {
             });
         }
         if let Some(c) = &self.confinement {
-            let run = |v: &[CloneSample]| summary(v.iter().filter_map(|s| s.running_ms));
-            let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
+            let tail = |v: Vec<f64>| TailSummary::of(&v);
+            let run = |v: &[CloneSample]| tail(v.iter().filter_map(|s| s.running_ms).collect());
+            let ready = |v: &[CloneSample]| tail(v.iter().map(|s| s.ready_ms).collect());
             out["confinement_net"] = c.net.into();
             out["clone_running_ms_jail_net"] = serde_json::json!(run(&c.with));
             out["clone_running_ms_bare"] = serde_json::json!(run(&c.without));
@@ -1729,36 +1730,45 @@ impl CloneReport {
         if let Some(c) = &self.confinement {
             let run = |v: &[CloneSample]| summary(v.iter().filter_map(|s| s.running_ms));
             let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
+            // The bar is on p50 and p99: the p99 goes in the label.
+            let p99 = |v: Vec<f64>| {
+                TailSummary::of(&v).map_or(String::new(), |t| format!(" (p99 {:.1})", t.p99))
+            };
+            let run99 = |v: &[CloneSample]| p99(v.iter().filter_map(|s| s.running_ms).collect());
+            let ready99 = |v: &[CloneSample]| p99(v.iter().map(|s| s.ready_ms).collect());
             let what = if c.net { "jail + network" } else { "jail" };
             row(
                 &mut t,
-                &format!("  with {what}: -> vCPUs running"),
+                &format!("  with {what}: -> vCPUs running{}", run99(&c.with)),
                 c.with.len(),
                 run(&c.with),
             );
             if c.net {
                 row(
                     &mut t,
-                    "  with jail only: -> vCPUs running",
+                    &format!("  with jail only: -> vCPUs running{}", run99(&c.jail_only)),
                     c.jail_only.len(),
                     run(&c.jail_only),
                 );
             }
             row(
                 &mut t,
-                "  with neither: -> vCPUs running",
+                &format!("  with neither: -> vCPUs running{}", run99(&c.without)),
                 c.without.len(),
                 run(&c.without),
             );
             row(
                 &mut t,
-                &format!("  with {what}: -> ping (identity applied)"),
+                &format!(
+                    "  with {what}: -> ping (identity applied){}",
+                    ready99(&c.with)
+                ),
                 c.with.len(),
                 ready(&c.with),
             );
             row(
                 &mut t,
-                "  with neither: -> ping",
+                &format!("  with neither: -> ping{}", ready99(&c.without)),
                 c.without.len(),
                 ready(&c.without),
             );
