@@ -196,8 +196,14 @@ pub(crate) fn init_logging(format: &str) {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
     init_logging(&a.log_format);
-    // Network slots kept ready for clones of masters with a NIC.
-    host::vmnet::configure_pool(4);
+    // Network slots kept ready for clones of masters with a NIC: as many
+    // as may start at once (at least 4), so that a full batch of starts
+    // finds them made.
+    let max_starting = a
+        .max_starting
+        .unwrap_or_else(host::runtime::default_max_starting)
+        .max(1);
+    host::vmnet::configure_pool(max_starting.max(4));
     if !(a.memory_ratio > 0.0 && a.memory_ratio <= 100.0) {
         bail!("--memory-ratio must be in (0, 100]");
     }
@@ -231,10 +237,7 @@ pub fn run(a: DaemonArgs) -> anyhow::Result<i32> {
     let metrics = Arc::new(Metrics::new(&mut registry));
     let http = HttpMetrics::new(&mut registry);
     let cfg = RuntimeConfig {
-        max_starting: a
-            .max_starting
-            .unwrap_or_else(host::runtime::default_max_starting)
-            .max(1),
+        max_starting,
         memory_ratio: a.memory_ratio,
         ..Default::default()
     };
