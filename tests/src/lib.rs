@@ -384,3 +384,34 @@ pub fn kill_processes_mentioning(dir: &Path) -> usize {
     }
     procs.len()
 }
+
+/// Polls `GET /v1/masters/{name}` through `c` until the master is frozen
+/// (its JSON), panicking if it fails or takes longer than `timeout`.
+pub async fn wait_frozen(c: &Client, name: &str, timeout: Duration) -> serde_json::Value {
+    let t0 = Instant::now();
+    let path = format!("/v1/masters/{name}");
+    loop {
+        let a = c
+            .get(&path)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(a.status.as_u16(), 200, "GET {path}: {}", a.text());
+        let v = a.json();
+        match v["status"].as_str() {
+            Some("frozen") => {
+                eprintln!(
+                    "master {name} frozen in {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
+                return v;
+            }
+            Some("booting" | "warming") => {}
+            _ => panic!("master {name} did not freeze: {v:#}"),
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "master {name} not frozen after {timeout:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -331,24 +331,7 @@ async fn tenant_master(c: &Client, text: &str) {
     )
     .await;
     expect(&r, 202, "POST /v1/masters");
-    let t0 = std::time::Instant::now();
-    loop {
-        let m = expect(
-            &call(c, "GET", "/v1/masters/web", None).await,
-            200,
-            "GET master",
-        );
-        match m["status"].as_str() {
-            Some("frozen") => return,
-            Some("booting" | "warming") => {}
-            _ => panic!("{text}'s master did not freeze: {m:#}"),
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(400),
-            "no frozen master: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    zygote_tests::wait_frozen(c, "web", Duration::from_secs(400)).await;
 }
 
 /// One clone of `web`; its instance JSON.

@@ -435,7 +435,6 @@ async fn travel(sa: &Sandbox, sb: &Sandbox) {
 }
 
 async fn make_master(a: &Client) -> Value {
-    let t0 = Instant::now();
     let r = call(
         a,
         "POST",
@@ -447,27 +446,7 @@ async fn make_master(a: &Client) -> Value {
     )
     .await;
     expect(&r, 202, "", "POST /v1/masters");
-    loop {
-        let v = expect(
-            &call(a, "GET", &format!("/v1/masters/{MASTER}"), None).await,
-            200,
-            "",
-            "GET master",
-        );
-        match v["status"].as_str() {
-            Some("frozen") => {
-                eprintln!("master frozen in {:.1} s", t0.elapsed().as_secs_f64());
-                return v;
-            }
-            Some("booting" | "warming") => {}
-            _ => panic!("the master did not freeze: {v:#}"),
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no frozen master: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    zygote_tests::wait_frozen(a, MASTER, Duration::from_secs(300)).await
 }
 
 /// The CLI on `dir`, off the async threads.
