@@ -468,18 +468,18 @@ fn is_mapping_header(line: &str) -> bool {
 }
 
 /// Sorts the text of /proc/PID/smaps into guest RAM (the mapping of the file
-/// `guest_ram`) and everything else.
-pub fn parse_smaps(text: &str, guest_ram: &str) -> MemoryBreakdown {
+/// `guest_ram`, known by its inode when given: a jailed VMM maps it under
+/// another path, its jail's) and everything else.
+pub fn parse_smaps(text: &str, guest_ram: &str, guest_inode: Option<u64>) -> MemoryBreakdown {
     let mut m = MemoryBreakdown::default();
     let mut guest = false;
     for line in text.lines() {
         if is_mapping_header(line) {
-            let path = line
-                .split_whitespace()
-                .skip(5)
-                .collect::<Vec<_>>()
-                .join(" ");
-            guest = !guest_ram.is_empty() && path.trim_end_matches(" (deleted)") == guest_ram;
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let path = fields.get(5..).unwrap_or_default().join(" ");
+            let inode = fields.get(4).and_then(|i| i.parse::<u64>().ok());
+            guest = (guest_inode.is_some() && inode == guest_inode)
+                || (!guest_ram.is_empty() && path.trim_end_matches(" (deleted)") == guest_ram);
             continue;
         }
         let mut it = line.split_whitespace();
@@ -520,8 +520,10 @@ pub fn parse_smaps(text: &str, guest_ram: &str) -> MemoryBreakdown {
 
 /// The memory of VMM `pid` whose guest RAM is the file `guest_ram`.
 pub fn memory_of(pid: u32, guest_ram: &str) -> Option<MemoryBreakdown> {
+    use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    Some(parse_smaps(&text, guest_ram))
+    let inode = std::fs::metadata(guest_ram).ok().map(|m| m.ino());
+    Some(parse_smaps(&text, guest_ram, inode))
 }
 
 // ---------------------------------------------------------------- signals
@@ -2354,7 +2356,7 @@ Private_Dirty:       890 kB
 Anonymous:           880 kB
 VmFlags: rd wr mr mw me ac
 ";
-        let m = parse_smaps(smaps, "/state/masters/bench/snapshot/memory");
+        let m = parse_smaps(smaps, "/state/masters/bench/snapshot/memory", None);
         assert_eq!(
             m,
             MemoryBreakdown {
@@ -2368,6 +2370,21 @@ VmFlags: rd wr mr mw me ac
                 guest_anon_kib: 500,
                 vmm_anon_kib: 880,
             }
+        );
+        // A jailed VMM maps the same file under its jail's path: found by
+        // its inode.
+        let jailed = smaps.replace(
+            "/state/masters/bench/snapshot/memory",
+            "/jail/snapshot/memory",
+        );
+        assert_eq!(
+            parse_smaps(&jailed, "/state/masters/bench/snapshot/memory", Some(7)),
+            m
+        );
+        assert_eq!(
+            parse_smaps(&jailed, "/state/masters/bench/snapshot/memory", None).guest_anon_kib,
+            0,
+            "by path alone the jailed mapping is not the guest's"
         );
         let own = memory_of(std::process::id(), "").unwrap();
         assert!(own.private_kib > 0 && own.guest_private_kib == 0);
