@@ -129,7 +129,10 @@ pub fn ensure_qemu(progress: &mut dyn FnMut(&str)) -> Result<(), BenchError> {
         Ok(())
     } else {
         Err(BenchError::Peer(
-            "could not install qemu-system-x86 with apt-get".into(),
+            "could not install qemu-system-x86 with apt-get without removing or downgrading \
+             what is installed (a newer qemu-utils, say): install a qemu-system-x86_64 in PATH \
+             by hand, or run the benchmark without the QEMU peer"
+                .into(),
         ))
     }
 }

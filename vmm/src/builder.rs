@@ -231,6 +231,9 @@ enum FreezeError {
     /// The manifest could not be written.
     #[error("cannot write the snapshot")]
     Write(#[source] snapshotter::Error),
+    /// The guest memory file could not be flushed to disk.
+    #[error("cannot flush the guest memory file to disk")]
+    SyncMemory(#[source] std::io::Error),
 }
 
 /// How the VM ended.
@@ -785,6 +788,14 @@ fn write_snapshot(
         serial: lock(&m.bus.serial).save(),
     };
     let json = serde_json::to_string(&snap).map_err(FreezeError::Serialize)?;
+    // The master's RAM was written through its shared mapping of the
+    // memory file: on disk before the manifest that says the snapshot is
+    // whole, so that a host that crashes never leaves a manifest over
+    // stale memory. (It also leaves the page cache clean: a clone's
+    // private memory is then only what it copied.)
+    std::fs::File::open(target.dir.join(snapshotter::MEMORY_FILE))
+        .and_then(|f| f.sync_all()) // fsync: the master's seccomp filter allows it
+        .map_err(FreezeError::SyncMemory)?;
     snapshotter::write_manifest(&target.dir, &json, None).map_err(FreezeError::Write)?;
     // The master's RAM is final: nobody writes it again.
     let _ = std::fs::set_permissions(
