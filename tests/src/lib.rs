@@ -415,3 +415,19 @@ pub async fn wait_frozen(c: &Client, name: &str, timeout: Duration) -> serde_jso
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// `method path` (with `body` for a POST) through `c`; the answer, or a
+/// panic naming the call.
+pub async fn call(
+    c: &Client,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> api::client::Answer {
+    let r = match (method, body) {
+        ("GET", _) => c.get(path).await,
+        ("DELETE", _) => c.delete(path).await,
+        (_, b) => c.post(path, &b.unwrap_or(serde_json::json!({}))).await,
+    };
+    r.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use api::client::{Answer, Client};
 use serde_json::{json, Value};
-use zygote_tests::{image, kill_processes_mentioning, ok, processes_mentioning, Daemon, Sandbox};
+use zygote_tests::{
+    call, image, kill_processes_mentioning, ok, processes_mentioning, Daemon, Sandbox,
+};
 
 const MASTER: &str = "web";
 /// Its last step waits until the test has connected to port 9000 (0x2328)
@@ -146,6 +148,10 @@ fn clones_are_reached_through_their_published_ports_and_are_isolated() {
         "the master had an address: {out:?}"
     );
 
+    let clone_on_first_port = || {
+        let publish = format!("{FIRST_PORT}:8080");
+        sandbox.zygote(&["clone", MASTER, "--detach", "--publish", &publish], b"")
+    };
     let mut ids = Vec::new();
     for i in 0..CLONES {
         let publish = format!("{}:8080", FIRST_PORT + i as u16);
@@ -164,16 +170,7 @@ fn clones_are_reached_through_their_published_ports_and_are_isolated() {
         ids.push(ok(&out, "clone --publish").trim().to_string());
     }
     // A host port goes to one clone only.
-    let out = sandbox.zygote(
-        &[
-            "clone",
-            MASTER,
-            "--detach",
-            "--publish",
-            &format!("{FIRST_PORT}:8080"),
-        ],
-        b"",
-    );
+    let out = clone_on_first_port();
     assert!(!out.status.success(), "a published port was given twice");
 
     // Each clone answers through its own port, all at once, with its own
@@ -270,16 +267,7 @@ fn clones_are_reached_through_their_published_ports_and_are_isolated() {
         http_get(FIRST_PORT, "/index.html").is_err(),
         "the port still answers"
     );
-    let out = sandbox.zygote(
-        &[
-            "clone",
-            MASTER,
-            "--detach",
-            "--publish",
-            &format!("{FIRST_PORT}:8080"),
-        ],
-        b"",
-    );
+    let out = clone_on_first_port();
     let again = ok(&out, "clone on a freed port").trim().to_string();
     ok(&sandbox.zygote(&["kill", &again], b""), "kill");
     ok(&sandbox.zygote(&["master", "rm", MASTER], b""), "master rm");
@@ -302,16 +290,6 @@ const TOKEN_A: &str = "acme-0123456789abcdef";
 const TOKEN_B: &str = "beta-0123456789abcdef";
 const TOKENS: &str = "acme-0123456789abcdef acme\nbeta-0123456789abcdef beta\n";
 const TENANT_PORT: u16 = 28180;
-
-/// The answer of an API call, or a panic naming the call.
-async fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Answer {
-    let r = match (method, body) {
-        ("GET", _) => c.get(path).await,
-        ("DELETE", _) => c.delete(path).await,
-        (_, b) => c.post(path, &b.unwrap_or(json!({}))).await,
-    };
-    r.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
 
 fn expect(a: &Answer, status: u16, what: &str) -> Value {
     assert_eq!(a.status.as_u16(), status, "{what}: {}", a.text());

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use api::client::{Answer, Client};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use zygote_tests::{image, kill_processes_mentioning, zygote_at, Daemon, Sandbox};
+use zygote_tests::{call, image, kill_processes_mentioning, zygote_at, Daemon, Sandbox};
 
 const TOKEN_A: &str = "acme-0123456789abcdef";
 const TOKEN_B: &str = "beta-0123456789abcdef";
@@ -49,15 +49,6 @@ impl Drop for Cleanup {
             let _ = std::fs::remove_dir_all(Daemon::etc_dir(dir));
         }
     }
-}
-
-async fn call(c: &Client, method: &str, path: &str, body: Option<Value>) -> Answer {
-    let r = match (method, body) {
-        ("GET", _) => c.get(path).await,
-        ("DELETE", _) => c.delete(path).await,
-        (_, b) => c.post(path, &b.unwrap_or(json!({}))).await,
-    };
-    r.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 fn expect(a: &Answer, status: u16, code: &str, what: &str) -> Value {
