@@ -98,22 +98,14 @@ pub fn apply(n: &NetIdentity) -> Result<(), String> {
     // A master's freeze removed its address; an interface that still has
     // one (an identity applied twice, a master frozen by an older host)
     // loses it first, and with it the routes and neighbours it had.
-    match s.addr().map_err(|e| format!("read the address: {e}"))? {
-        Some(old) if old == (n.address, n.prefix_len) => {}
-        Some((a, len)) => {
-            step(
-                "remove the old address",
-                crate::netlink::del_addr(index, a, len),
-            )?;
-            step(
-                "set the address",
-                crate::netlink::add_addr(index, n.address, n.prefix_len),
-            )?;
+    let current = s.addr().map_err(|e| format!("read the address: {e}"))?;
+    if current != Some((n.address, n.prefix_len)) {
+        if let Some((a, len)) = current {
+            let removed = crate::netlink::del_addr(index, a, len);
+            step("remove the old address", removed)?;
         }
-        None => step(
-            "set the address",
-            crate::netlink::add_addr(index, n.address, n.prefix_len),
-        )?,
+        let added = crate::netlink::add_addr(index, n.address, n.prefix_len);
+        step("set the address", added)?;
     }
     if flags & IFF_UP == 0 {
         step("bring the interface up", s.set_flags(flags | IFF_UP))?;
