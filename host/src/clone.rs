@@ -104,7 +104,9 @@ pub struct CloneOptions {
     pub net: crate::vmnet::NetRequest,
 }
 
-fn random_suffix() -> String {
+/// Eight random hex digits: what makes a VM id unique (clones' ids and
+/// masters' network leases).
+pub(crate) fn random_suffix() -> String {
     let mut b = [0u8; 4];
     // SAFETY: the pointer and length describe `b`.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };

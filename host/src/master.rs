@@ -116,15 +116,7 @@ impl Drop for ReleaseOnDrop {
 /// The VM id a master's network lease is held under: unique among the
 /// masters of every state directory of the host (they share its network).
 fn master_vm_id(store_name: &str) -> String {
-    let mut b = [0u8; 4];
-    // SAFETY: the pointer and length describe `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    let tag = if n == b.len() as isize {
-        u32::from_le_bytes(b)
-    } else {
-        std::process::id() ^ crate::store::unix_now() as u32
-    };
-    format!("{store_name}-master-{tag:08x}")
+    format!("{store_name}-master-{}", crate::clone::random_suffix())
 }
 
 fn create_in(

@@ -419,7 +419,7 @@ pub struct AttachOptions {
     /// the address is held until [`Network::detach`] (a master's, which
     /// must never go to one of its clones).
     pub owner_pid: Option<u32>,
-    /// With [`PINNED_OWNER`]: a path (the master's directory) whose
+    /// With [`PINNED_OWNER`]: a path (the master's state directory) whose
     /// removal ends the lease, so an address is not held forever by a
     /// state directory deleted without `master rm`.
     pub pinned_by: Option<PathBuf>,
