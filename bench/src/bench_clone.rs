@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use proto::{AgentFrame, ErrorCode, ExecRequest, Frame, HostFrame, Request, Response};
+use proto::{ErrorCode, ExecRequest};
 use serde::Serialize;
 
 use crate::net_probe::{Probe, ProbeError, Transfer};
 use crate::peer::QemuRestoreSample;
 use crate::plot::{PlotError, Series};
 use crate::stats::{Summary, TailSummary};
-use host::agent::AgentError;
+use host::agent::{AgentClient, AgentError};
 use host::clone::{CloneError, CloneOptions, Started};
 use host::master::{CreateOptions, MasterError};
 use host::store::{MasterRecord, Store};
@@ -1226,35 +1226,19 @@ fn start_net_test(id: &str, uds: &Path, port: u16) -> Result<u16, CloneBenchErro
         id: id.to_string(),
         source,
     };
-    let proto = |e: proto::ProtoError| agent(AgentError::Proto(e));
-    let mut stream = host::agent::connect_vsock(uds, proto::AGENT_VSOCK_PORT).map_err(agent)?;
+    let stream = host::agent::connect_vsock(uds, proto::AGENT_VSOCK_PORT).map_err(agent)?;
     stream
         .set_read_timeout(Some(CLONE_TIMEOUT))
-        .map_err(|e| proto(e.into()))?;
-    let unexpected = |f: Option<AgentFrame>| {
-        agent(match f {
-            None => AgentError::Closed,
-            Some(f) => AgentError::Unexpected(format!("{f:?}")),
-        })
-    };
-    match AgentFrame::read_from(&mut stream).map_err(proto)? {
-        Some(AgentFrame::Response(Response::Hello { .. })) => {}
-        other => return Err(unexpected(other)),
-    }
-    HostFrame::Request(Request::NetTest { port })
-        .write_to(&mut stream)
-        .map_err(proto)?;
-    match AgentFrame::read_from(&mut stream).map_err(proto)? {
-        Some(AgentFrame::Response(Response::NetTestListening { port })) => Ok(port),
-        Some(AgentFrame::Response(Response::Error { code, message })) => {
-            if code == ErrorCode::InvalidRequest && message.contains("unknown variant") {
-                return Err(CloneBenchError::Failed(format!(
-                    "clone {id}: its agent predates the net_test request: rebuild the guest initramfs (scripts/setup)"
-                )));
-            }
-            Err(agent(AgentError::Remote { code, message }))
+        .map_err(|e| agent(AgentError::Proto(e.into())))?;
+    match AgentClient::over(stream).and_then(|mut c| c.net_test(port)) {
+        Err(AgentError::Remote { code, message })
+            if code == ErrorCode::InvalidRequest && message.contains("unknown variant") =>
+        {
+            Err(CloneBenchError::Failed(format!(
+                "clone {id}: its agent predates the net_test request: rebuild the guest initramfs (scripts/setup)"
+            )))
         }
-        other => Err(unexpected(other)),
+        r => r.map_err(agent),
     }
 }
 

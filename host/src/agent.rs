@@ -256,6 +256,19 @@ impl AgentClient {
         }
     }
 
+    /// Starts the agent's TCP test server on guest `port` (0: one the
+    /// guest picks); returns the port it listens on.
+    pub fn net_test(&mut self, port: u16) -> Result<u16, AgentError> {
+        self.send(Request::NetTest { port })?;
+        match self.next()? {
+            AgentFrame::Response(Response::NetTestListening { port }) => Ok(port),
+            AgentFrame::Response(Response::Error { code, message }) => {
+                Err(AgentError::Remote { code, message })
+            }
+            other => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Readies a master's guest for its freeze (see
     /// [`Request::PrepareFreeze`]); returns how many TCP connections it
     /// aborted.
