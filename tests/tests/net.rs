@@ -448,4 +448,6 @@ fn tenants_networks_are_apart_through_the_daemon() {
     assert!(procs.is_empty(), "processes left: {procs:?}");
     let left = leases_of(&["web.acme-", "web.beta-"]);
     assert!(left.is_empty(), "addresses still leased: {left:?}");
+    // The daemon's tokens file and log live beside the state directory.
+    std::fs::remove_dir_all(Daemon::etc_dir(&sandbox.dir)).unwrap();
 }
