@@ -360,7 +360,13 @@ mod tests {
             use std::io::Read;
             let mut b = [0u8; 1];
             let err = client.read(&mut b).unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::ECONNABORTED), "{err}");
+            // Aborted itself, or reset by its peer's abort when the dump
+            // listed the accepted end first: either way the program sees
+            // its connection end with an error.
+            assert!(
+                [Some(libc::ECONNABORTED), Some(libc::ECONNRESET)].contains(&err.raw_os_error()),
+                "{err}"
+            );
             assert_eq!(
                 tcp_connections().unwrap().len(),
                 2,
