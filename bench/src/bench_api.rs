@@ -273,6 +273,7 @@ async fn run(opts: &ApiBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<A
                 parallel: 1,
                 limits: Default::default(),
                 net: Default::default(),
+                vsock_reset: false,
             };
             let r = host::clone::start(&s2, "bench", 1, &opts);
             (t0.elapsed(), r, s2)

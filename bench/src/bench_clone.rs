@@ -151,6 +151,22 @@ pub struct CloneBenchOptions {
     pub jail: bool,
     /// Give the master a NIC and each clone a network (`--no-net`: not).
     pub net: bool,
+    /// Clones of the main run reset their vsock transport and connect
+    /// anew instead of taking over the master's carried agent connection
+    /// (`--connection reset`).
+    pub vsock_reset: bool,
+    /// Also start `count` clones each way, in turn, and compare them.
+    pub compare_connection: bool,
+}
+
+/// Clones of the same master started in turn taking over the carried
+/// agent connection and resetting the transport (`--compare-connection`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnectionComparison {
+    /// Clones that took over the carried connection.
+    pub carry: Vec<CloneSample>,
+    /// Clones that reset the transport and connected anew.
+    pub reset: Vec<CloneSample>,
 }
 
 /// Clones of the same master started in turn with their jail and network
@@ -226,6 +242,31 @@ pub struct CloneSample {
     pub private_kib_after_exec: Option<u64>,
     /// Guest pages copied (anonymous) after `exec true`, KiB.
     pub guest_copied_kib_after_exec: Option<u64>,
+    /// The vsock device's steps to the first answer, ms since the spawn.
+    pub steps: StepsMs,
+}
+
+/// A clone's vsock steps ([`host::vmm::VsockSteps`]), ms since its spawn.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepsMs {
+    /// The transport reset was posted (reset path).
+    pub reset_posted_ms: Option<f64>,
+    /// The guest handled it (reset path).
+    pub reset_acked_ms: Option<f64>,
+    /// The host took over the carried connection (carry path).
+    pub carried_ms: Option<f64>,
+    /// A connection request went to the guest (reset path).
+    pub requested_ms: Option<f64>,
+    /// The guest accepted it (reset path).
+    pub accepted_ms: Option<f64>,
+    /// The first host data (the identity) went to the guest.
+    pub first_rx_ms: Option<f64>,
+    /// The first guest data came back.
+    pub first_tx_ms: Option<f64>,
+    /// Interrupts raised until then.
+    pub irqs: u32,
+    /// Interrupts raised again by the watchdog.
+    pub irqs_reraised: u32,
 }
 
 /// The cold boot of the master.
@@ -398,6 +439,12 @@ pub struct CloneReport {
     pub qemu: Option<Vec<QemuRestoreSample>>,
     /// `--density`.
     pub density: Option<DensityResult>,
+    /// Whether the main run's clones reset the vsock transport
+    /// (`--connection reset`) instead of taking over the carried agent
+    /// connection.
+    pub vsock_reset: bool,
+    /// `--compare-connection`.
+    pub connection: Option<ConnectionComparison>,
     /// Optional parts that failed (the rest was measured).
     pub errors: Vec<String>,
 }
@@ -626,7 +673,21 @@ fn ms_between(from: u64, to: u64) -> f64 {
 
 fn sample_of(s: &Started, start_call_ms: f64) -> CloneSample {
     let t = s.timeline();
+    let at = |us: Option<u64>| t.ms_since_spawn(us);
+    let v = &t.vsock;
+    let steps = StepsMs {
+        reset_posted_ms: at(v.reset_posted_us),
+        reset_acked_ms: at(v.reset_acked_us),
+        carried_ms: at(v.carried_us),
+        requested_ms: at(v.requested_us),
+        accepted_ms: at(v.accepted_us),
+        first_rx_ms: at(v.first_rx_us),
+        first_tx_ms: at(v.first_tx_us),
+        irqs: v.irqs,
+        irqs_reraised: v.irqs_reraised,
+    };
     CloneSample {
+        steps,
         started_ms: t.ms_since_spawn(t.started_us),
         running_ms: t.ms_since_spawn(t.vcpu_running_us),
         identity_ms: t.ms_since_spawn(t.identity_us).unwrap_or(f64::NAN),
@@ -668,7 +729,37 @@ impl Ctx<'_> {
             parallel,
             limits: Default::default(),
             net: Default::default(),
+            vsock_reset: self.opts.vsock_reset,
         }
+    }
+
+    /// `count` clones taking over the carried agent connection and as
+    /// many resetting the transport, in turn (so drift hits both alike).
+    fn connection_comparison(&mut self) -> Result<ConnectionComparison, CloneBenchError> {
+        let mut c = ConnectionComparison::default();
+        let n = self.opts.count;
+        for i in 0..n {
+            for reset in [false, true] {
+                check_interrupted()?;
+                let mut opts = self.clone_opts(1);
+                opts.vsock_reset = reset;
+                let s = self.start_with(MASTER, &opts)?;
+                self.ws.kill_live();
+                if reset {
+                    c.reset.push(s);
+                } else {
+                    c.carry.push(s);
+                }
+            }
+            let (a, b) = (&c.carry[i], &c.reset[i]);
+            self.say(&format!(
+                "connection {}/{n}: ping answered, carried +{:.1} ms, reset +{:.1} ms",
+                i + 1,
+                a.ready_ms,
+                b.ready_ms
+            ));
+        }
+        Ok(c)
     }
 
     /// `count` clones of the master with a jail and a network, as many
@@ -867,12 +958,30 @@ impl Ctx<'_> {
 
     /// Starts one clone of `master` on its own; it stays in `ws.live`.
     fn start_one(&mut self, master: &str) -> Result<CloneSample, CloneBenchError> {
+        self.start_with(master, &self.clone_opts(1))
+    }
+
+    /// [`Ctx::start_one`] with these options.
+    fn start_with(
+        &mut self,
+        master: &str,
+        opts: &CloneOptions,
+    ) -> Result<CloneSample, CloneBenchError> {
         let t = Instant::now();
-        let mut results = start_guarded(&self.ws.store, master, 1, &self.clone_opts(1))?;
+        let mut results = start_guarded(&self.ws.store, master, 1, opts)?;
         let call_ms = elapsed_ms(t);
-        let s = results
+        let mut s = results
             .pop()
             .ok_or_else(|| CloneBenchError::Failed("clone::start returned nothing".into()))??;
+        // The VMM reports the device's last step right after it passed the
+        // answer on: give it a moment to land in the events file.
+        let until = Instant::now() + Duration::from_millis(100);
+        while s.vmm.poll().is_none()
+            && s.timeline().vsock.first_tx_us.is_none()
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let sample = sample_of(&s, call_ms);
         self.ws.live.push(s);
         Ok(sample)
@@ -1226,11 +1335,11 @@ fn start_net_test(id: &str, uds: &Path, port: u16) -> Result<u16, CloneBenchErro
         id: id.to_string(),
         source,
     };
-    let stream = host::agent::connect_vsock(uds, proto::AGENT_VSOCK_PORT).map_err(agent)?;
-    stream
-        .set_read_timeout(Some(CLONE_TIMEOUT))
-        .map_err(|e| agent(AgentError::Proto(e.into())))?;
-    match AgentClient::over(stream).and_then(|mut c| c.net_test(port)) {
+    let started = AgentClient::connect(uds).and_then(|mut c| {
+        c.set_read_timeout(Some(CLONE_TIMEOUT))?;
+        c.net_test(port)
+    });
+    match started {
         Err(AgentError::Remote { code, message })
             if code == ErrorCode::InvalidRequest && message.contains("unknown variant") =>
         {
@@ -1302,6 +1411,7 @@ pub fn bench_clone(
         memory_mib: opts.spec.memory_mib,
         vcpus: opts.spec.vcpus,
         warmup: opts.warmup.clone(),
+        vsock_reset: opts.vsock_reset,
         ..Default::default()
     };
 
@@ -1325,6 +1435,16 @@ pub fn bench_clone(
 
     // 2. Clones one after another.
     report.clones = ctx.sequential(&guest_ram)?;
+
+    // 2'. Taking over the carried agent connection vs resetting the
+    // transport, in turn.
+    if opts.compare_connection {
+        match ctx.connection_comparison() {
+            Ok(c) => report.connection = Some(c),
+            Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+            Err(e) => report.errors.push(format!("connection comparison: {e}")),
+        }
+    }
 
     // 2a. The same, with and without jail and network, in turn.
     match ctx.confinement() {
@@ -1457,6 +1577,30 @@ fn fork_vs_spawn(rec: &MasterRecord, count: usize) -> Result<crate::fork_bench::
 
 // ---------------------------------------------------------------- report
 
+/// The vsock steps of `clones` (ms since spawn), one summary each.
+fn steps_json(clones: &[CloneSample]) -> serde_json::Value {
+    let s = |f: StepOf| summary(clones.iter().filter_map(|c| f(&c.steps)));
+    serde_json::json!({
+        "reset_posted_ms": s(|t| t.reset_posted_ms),
+        "reset_acked_ms": s(|t| t.reset_acked_ms),
+        "carried_ms": s(|t| t.carried_ms),
+        "requested_ms": s(|t| t.requested_ms),
+        "accepted_ms": s(|t| t.accepted_ms),
+        "first_rx_ms": s(|t| t.first_rx_ms),
+        "first_tx_ms": s(|t| t.first_tx_ms),
+        "irqs": s(|t| Some(f64::from(t.irqs))),
+    })
+}
+
+/// One of a clone's vsock steps.
+type StepOf = fn(&StepsMs) -> Option<f64>;
+
+/// How many of `clones` have step `f`, and its summary.
+fn cl_steps(clones: &[CloneSample], f: StepOf) -> (usize, Option<Summary>) {
+    let v: Vec<f64> = clones.iter().filter_map(|c| f(&c.steps)).collect();
+    (v.len(), Summary::of(&v))
+}
+
 fn summary(v: impl IntoIterator<Item = f64>) -> Option<Summary> {
     Summary::of(&v.into_iter().collect::<Vec<_>>())
 }
@@ -1508,6 +1652,48 @@ impl CloneReport {
         (p.wall_ms > 0.0).then(|| p.started as f64 / (p.wall_ms / 1000.0))
     }
 
+    /// Clone → ping answered of the clones that took over the carried
+    /// connection (`reset` false) or reset the transport: from
+    /// `--compare-connection` if it ran, else from the main run's clones
+    /// when they were made that way.
+    pub fn clone_ready_by(&self, reset: bool) -> Option<Summary> {
+        let v = match &self.connection {
+            Some(c) if reset => &c.reset,
+            Some(c) => &c.carry,
+            None if reset == self.vsock_reset => &self.clones,
+            None => return None,
+        };
+        summary(v.iter().map(|s| s.ready_ms))
+    }
+
+    /// p50 of clone → ping answered, carried over reset (the bar:
+    /// at most 0.5).
+    pub fn ratio_carry_over_reset(&self) -> Option<f64> {
+        let (c, r) = (self.clone_ready_by(false)?, self.clone_ready_by(true)?);
+        (r.p50 > 0.0).then(|| c.p50 / r.p50)
+    }
+
+    /// Interrupts the vsock watchdog raised again, over every clone whose
+    /// steps were recorded.
+    pub fn interrupts_reraised(&self) -> u64 {
+        let conf = self.confinement.iter().flat_map(|c| {
+            c.with
+                .iter()
+                .chain(c.jail_only.iter())
+                .chain(c.without.iter())
+        });
+        let cmp = self
+            .connection
+            .iter()
+            .flat_map(|c| c.carry.iter().chain(c.reset.iter()));
+        self.clones
+            .iter()
+            .chain(conf)
+            .chain(cmp)
+            .map(|s| u64::from(s.steps.irqs_reraised))
+            .sum()
+    }
+
     /// The JSON object `--json` prints.
     pub fn to_json(&self) -> serde_json::Value {
         let cl = |f: fn(&CloneSample) -> Option<f64>| summary(self.clones.iter().filter_map(f));
@@ -1537,6 +1723,12 @@ impl CloneReport {
             "clones_per_s_running": self.burst.as_ref().map(|b| b.per_s()),
             "master_ram_kib": self.memory_mib * 1024,
             "master_allocated_kib": self.master_allocated_kib,
+            "connection": if self.vsock_reset { "reset" } else { "carry" },
+            "clone_ready_ms_carry": self.clone_ready_by(false),
+            "clone_ready_ms_reset": self.clone_ready_by(true),
+            "ratio_carry_over_reset": self.ratio_carry_over_reset(),
+            "interrupts_reraised": self.interrupts_reraised(),
+            "clone_steps_ms": steps_json(&self.clones),
             "errors": self.errors,
         });
         if let Some(p) = &self.parallel {
@@ -1701,12 +1893,50 @@ impl CloneReport {
             n,
             cl(|s| Some(s.identity_ms)).1,
         );
+        let how = if self.vsock_reset {
+            "transport reset"
+        } else {
+            "carried connection"
+        };
         row(
             &mut t,
-            "clone: spawn -> ping answered",
+            &format!("clone: spawn -> ping answered ({how})"),
             n,
             self.clone_ready(),
         );
+        // Where the time to the answer goes: the vsock device's steps.
+        let steps: [(&str, StepOf); 7] = [
+            ("  vsock: transport reset posted", |t| t.reset_posted_ms),
+            ("  vsock: guest handled the reset", |t| t.reset_acked_ms),
+            ("  vsock: carried connection taken over", |t| t.carried_ms),
+            ("  vsock: connection request to the guest", |t| {
+                t.requested_ms
+            }),
+            ("  vsock: guest accepted it", |t| t.accepted_ms),
+            ("  vsock: identity reached the guest", |t| t.first_rx_ms),
+            ("  vsock: first answer left the guest", |t| t.first_tx_ms),
+        ];
+        for (name, f) in steps {
+            let (k, s) = cl_steps(&self.clones, f);
+            if k > 0 {
+                row(&mut t, name, k, s);
+            }
+        }
+        if let Some(c) = &self.connection {
+            let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
+            row(
+                &mut t,
+                "  carried connection: -> ping answered",
+                c.carry.len(),
+                ready(&c.carry),
+            );
+            row(
+                &mut t,
+                "  transport reset: -> ping answered",
+                c.reset.len(),
+                ready(&c.reset),
+            );
+        }
         row(
             &mut t,
             "clone: ping -> `exec true` answered",
@@ -2057,6 +2287,14 @@ mod tests {
             start_call_ms: ready + 1.0,
             private_kib_after_exec: Some(900),
             guest_copied_kib_after_exec: Some(400),
+            steps: StepsMs {
+                carried_ms: Some(running + 1.0),
+                first_rx_ms: Some(running + 2.0),
+                first_tx_ms: Some(ready - 2.0),
+                irqs: 2,
+                irqs_reraised: 1,
+                ..Default::default()
+            },
         }
     }
 
@@ -2176,6 +2414,11 @@ mod tests {
                 ping_wall_ms: 3000.0,
                 kill_wall_ms: 500.0,
             }),
+            vsock_reset: false,
+            connection: Some(ConnectionComparison {
+                carry: vec![clone(4.0, 10.0), clone(4.0, 12.0)],
+                reset: vec![clone(4.0, 30.0), clone(4.0, 40.0)],
+            }),
             errors: vec![],
         }
     }
@@ -2221,6 +2464,15 @@ mod tests {
         assert_eq!(j["published_port_round_trip_ms"]["max"], 0.4);
         assert_eq!(j["direct_round_trip_ms"]["n"], 1);
         assert_eq!(j["net"]["host_port"], 40123);
+        assert_eq!(j["connection"], "carry");
+        let (c, r) = (&j["clone_ready_ms_carry"], &j["clone_ready_ms_reset"]);
+        assert_eq!((&c["min"], &r["max"]), (&10.0.into(), &40.0.into()));
+        let ratio = j["ratio_carry_over_reset"].as_f64().unwrap();
+        let want = c["p50"].as_f64().unwrap() / r["p50"].as_f64().unwrap();
+        assert!((ratio - want).abs() < 1e-9 && ratio < 0.5, "{ratio}");
+        assert_eq!(j["interrupts_reraised"], 10, "one per clone sample");
+        assert_eq!(j["clone_steps_ms"]["carried_ms"]["p50"], 6.0);
+        assert!(j["clone_steps_ms"]["requested_ms"].is_null());
     }
 
     #[test]
@@ -2266,6 +2518,13 @@ mod tests {
         assert!(line("ratio clone -> vCPUs running / qemu").ends_with("0.0500"));
         assert!(line("clones/s, 8 at once").contains("50.0"));
         assert!(line("idle clone CPU").contains("0.10%"));
+        assert!(line("clone: spawn -> ping answered (carried connection)").contains("20.0"));
+        assert!(line("  vsock: carried connection taken over").contains("6.0"));
+        assert!(line("  transport reset: -> ping answered").contains("30.0"));
+        assert!(
+            !t.contains("connection request to the guest"),
+            "no such step"
+        );
         assert!(line("idle clone memory").contains("private 1500 KiB"));
         assert!(line("density: ").contains("399 of 400"));
         assert!(line("net: 100 B request, new conn, published").ends_with("100.0"));

@@ -148,6 +148,15 @@ enum BenchCmd {
     },
 }
 
+/// `bench clone --connection`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Connection {
+    /// Take over the agent connection carried from the master.
+    Carry,
+    /// Reset the vsock transport and connect anew.
+    Reset,
+}
+
 #[derive(clap::Args, Debug)]
 struct BenchCloneArgs {
     /// Jail the VMMs (the default; the comparison of jailed and bare
@@ -214,6 +223,16 @@ struct BenchCloneArgs {
     /// Measure the idle clone for 10 s instead of 30 s.
     #[arg(long)]
     quick: bool,
+    /// How a clone's host reaches its agent: `carry` takes over the
+    /// connection carried from the master (no transport reset, no new
+    /// connection), `reset` resets the vsock transport and connects anew
+    /// (what a Firecracker restore does).
+    #[arg(long, value_enum, default_value_t = Connection::Carry)]
+    connection: Connection,
+    /// Also start --count clones each way (carry and reset, in turn) from
+    /// the same master and compare them.
+    #[arg(long)]
+    compare_connection: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -235,6 +254,8 @@ fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
         idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
         jail: !a.no_jail,
         net: !a.no_net,
+        vsock_reset: a.connection == Connection::Reset,
+        compare_connection: a.compare_connection,
     };
     host::confine::configure(host::confine::Settings {
         jail: opts.jail,

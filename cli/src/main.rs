@@ -131,6 +131,15 @@ impl LimitArgs {
     }
 }
 
+/// `zygote clone --connection`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// Take over the agent connection carried from the master.
+    Carry,
+    /// Reset the vsock transport and connect anew.
+    Reset,
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum Cmd {
     /// Boot a fresh microVM, run CMD in it, shut it down; exits with CMD's code.
@@ -177,6 +186,13 @@ pub(crate) enum Cmd {
         /// Print how long each clone took to start, on stderr.
         #[arg(long)]
         timings: bool,
+        /// How this command reaches each clone's agent: `carry` takes over
+        /// the connection carried from the master (no transport reset, no
+        /// new connection), `reset` resets the clone's vsock transport and
+        /// connects anew, as a Firecracker restore does. For comparison
+        /// and debugging; without a daemon only.
+        #[arg(long, value_enum, default_value_t = Connection::Carry)]
+        connection: Connection,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -382,6 +398,7 @@ fn local(cmd: Cmd) -> anyhow::Result<i32> {
             parallel,
             timeout,
             timings,
+            connection,
             limits,
             net,
         } => commands::clone(
@@ -393,6 +410,7 @@ fn local(cmd: Cmd) -> anyhow::Result<i32> {
                 parallel,
                 limits: limits.limits()?,
                 net: net.request(count)?,
+                vsock_reset: connection == Connection::Reset,
             },
             timings,
         ),

@@ -253,21 +253,28 @@ pub fn dispatch(r: &Remote, cmd: Cmd) -> anyhow::Result<i32> {
             parallel: _,
             timeout,
             timings,
+            connection,
             limits,
             net,
-        } => clone(
-            r,
-            &name,
-            count,
-            host::clone::CloneOptions {
-                detach,
-                timeout: Duration::from_secs(timeout),
-                parallel: 1,
-                limits: limits.limits()?,
-                net: net.request(count)?,
-            },
-            timings,
-        ),
+        } => {
+            if connection == crate::Connection::Reset {
+                bail!("--connection reset is for clones started without a daemon (--local)");
+            }
+            clone(
+                r,
+                &name,
+                count,
+                host::clone::CloneOptions {
+                    detach,
+                    timeout: Duration::from_secs(timeout),
+                    parallel: 1,
+                    limits: limits.limits()?,
+                    net: net.request(count)?,
+                    vsock_reset: false,
+                },
+                timings,
+            )
+        }
         Cmd::Exec { clone, cmd } => exec(r, &clone, &cmd),
         Cmd::Ps { json } => ps(r, json),
         Cmd::Kill { clones, all } => kill(r, clones, all),

@@ -57,22 +57,45 @@ pub const CLOCK_SLACK: std::time::Duration = std::time::Duration::from_millis(80
 /// One connection to the agent.
 pub struct AgentClient {
     stream: UnixStream,
-    /// The agent's version string from its hello.
+    /// The agent's version string from its hello (empty on a connection
+    /// carried from the master, which had the hello).
     pub agent_version: String,
+    /// Whether the connection was carried from the master's snapshot (no
+    /// hello on it).
+    pub carried: bool,
 }
 
 impl AgentClient {
-    /// Connects through the VMM's vsock socket at `uds` and reads the hello.
+    /// Connects through the VMM's vsock socket at `uds` and reads the hello
+    /// (unless the VMM handed over the connection carried from the master,
+    /// whose hello the master's host read).
     pub fn connect(uds: &Path) -> Result<Self, AgentError> {
-        let stream = connect_vsock(uds, proto::AGENT_VSOCK_PORT)?;
-        Self::over(stream)
+        let c = connect_vsock(uds, proto::AGENT_VSOCK_PORT)?;
+        if c.carried {
+            Ok(Self::carried(c.stream))
+        } else {
+            Self::over(c.stream)
+        }
+    }
+
+    /// A client on the connection carried from the master (no hello).
+    fn carried(stream: UnixStream) -> Self {
+        AgentClient {
+            stream,
+            agent_version: String::new(),
+            carried: true,
+        }
     }
 
     /// Connects to a fresh clone and makes it unique in one round trip: the
     /// identity and a ping go out right behind the connection request, before
     /// the agent's hello arrives, so nothing else can run in the guest first.
-    /// Returns the client and when (CLOCK_MONOTONIC µs) the hello, the
-    /// identity's answer and the pong arrived. All of it within `timeout`.
+    /// On the connection carried from the master (the VMM hands it over at
+    /// once, the agent already waits on it) the identity is the first thing
+    /// the agent reads. Returns the client and when (CLOCK_MONOTONIC µs) the
+    /// connection was made (the hello arrived, or the carried connection
+    /// was handed over), the identity's answer and the pong arrived. All of
+    /// it within `timeout`.
     /// The identity is made by `identity` once the guest accepted the
     /// connection, so that the wall clock in it is as fresh as it can be;
     /// if the guest took longer than [`CLOCK_SLACK`] to apply it (a busy
@@ -84,7 +107,10 @@ impl AgentClient {
         timeout: std::time::Duration,
     ) -> Result<(Self, [u64; 3]), AgentError> {
         let deadline = std::time::Instant::now() + timeout;
-        let mut stream = connect_vsock_within(uds, proto::AGENT_VSOCK_PORT, timeout)?;
+        let VsockStream {
+            mut stream,
+            carried,
+        } = connect_vsock_within(uds, proto::AGENT_VSOCK_PORT, timeout)?;
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         stream
             .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
@@ -93,8 +119,11 @@ impl AgentClient {
         HostFrame::Request(Request::Identity(identity().map_err(AgentError::Output)?))
             .write_to(&mut stream)?;
         HostFrame::Request(Request::Ping).write_to(&mut stream)?;
-        let mut client = Self::over(stream)?;
-        let hello = now_us();
+        let (mut client, hello) = if carried {
+            (Self::carried(stream), made)
+        } else {
+            (Self::over(stream)?, now_us())
+        };
         match client.next()? {
             AgentFrame::Response(Response::IdentitySet) => {}
             AgentFrame::Response(Response::Error { code, message }) => {
@@ -135,6 +164,7 @@ impl AgentClient {
                 Ok(AgentClient {
                     stream,
                     agent_version,
+                    carried: false,
                 })
             }
             Some(other) => Err(AgentError::Unexpected(format!(
@@ -142,6 +172,13 @@ impl AgentClient {
             ))),
             None => Err(AgentError::Closed),
         }
+    }
+
+    /// Bounds how long one read of an answer waits (`None`: forever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), AgentError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| AgentError::Proto(ProtoError::Io(e)))
     }
 
     /// The connection itself (after the hello), for a caller that relays
@@ -300,22 +337,37 @@ impl std::fmt::Debug for AgentClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentClient")
             .field("agent_version", &self.agent_version)
+            .field("carried", &self.carried)
             .finish()
     }
 }
 
+/// A vsock connection made through a VMM's Unix socket.
+#[derive(Debug)]
+pub struct VsockStream {
+    /// The byte stream to the guest port.
+    pub stream: UnixStream,
+    /// The VMM handed over the connection carried from the master's
+    /// snapshot (its guest end was open before the clone existed) instead
+    /// of making a new one.
+    pub carried: bool,
+}
+
 /// Connects to a VMM's vsock Unix socket and asks for guest `port`
 /// (Firecracker's `CONNECT` handshake), waiting up to 10 s for the guest.
-pub fn connect_vsock(uds: &Path, port: u32) -> Result<UnixStream, AgentError> {
+pub fn connect_vsock(uds: &Path, port: u32) -> Result<VsockStream, AgentError> {
     connect_vsock_within(uds, port, Duration::from_secs(10))
 }
 
 /// [`connect_vsock`], waiting at most `timeout` for the guest's answer.
+/// The VMM answers `OK <host port>`, followed by ` carried` when it handed
+/// over the connection carried from the master (the first `CONNECT` to
+/// that guest port after a restore gets it).
 pub fn connect_vsock_within(
     uds: &Path,
     port: u32,
     timeout: Duration,
-) -> Result<UnixStream, AgentError> {
+) -> Result<VsockStream, AgentError> {
     let err = |e: std::io::Error| AgentError::Connect(e.to_string());
     let mut s = UnixStream::connect(uds)
         .map_err(|e| AgentError::Connect(format!("{}: {e}", uds.display())))?;
@@ -346,13 +398,18 @@ pub fn connect_vsock_within(
         }
     }
     s.set_read_timeout(None).map_err(err)?;
-    if !line.starts_with(b"OK ") {
-        return Err(AgentError::Connect(format!(
-            "unexpected reply to CONNECT {port}: {}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
-    Ok(s)
+    let line = String::from_utf8_lossy(&line);
+    let mut words = line.split(' ');
+    let carried = match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("OK"), Some(_), None, None) => false,
+        (Some("OK"), Some(_), Some("carried"), None) => true,
+        _ => {
+            return Err(AgentError::Connect(format!(
+                "unexpected reply to CONNECT {port}: {line}"
+            )))
+        }
+    };
+    Ok(VsockStream { stream: s, carried })
 }
 
 /// A new identity for VM `vm_id`: 64 bytes from the host's `getrandom`, the

@@ -102,6 +102,10 @@ pub struct CloneOptions {
     pub limits: crate::confine::VmLimits,
     /// Each clone's network.
     pub net: crate::vmnet::NetRequest,
+    /// Reset each clone's vsock transport and connect anew instead of
+    /// taking over the agent connection carried from the master (what a
+    /// Firecracker restore does; `bench clone --connection reset`).
+    pub vsock_reset: bool,
 }
 
 /// Eight random hex digits: what makes a VM id unique (clones' ids and
@@ -147,21 +151,23 @@ pub struct Ownership {
     /// Jail it (`None`: as this process's settings say; the benchmark
     /// compares both in one run).
     pub jail: Option<bool>,
+    /// Reset its vsock transport instead of carrying the master's agent
+    /// connection ([`CloneOptions::vsock_reset`]).
+    pub vsock_reset: bool,
 }
 
 fn spawn_one(
     store: &Store,
     master: &MasterRecord,
-    detach: bool,
-    limits: crate::confine::VmLimits,
-    net: &crate::vmnet::NetRequest,
+    opts: &CloneOptions,
 ) -> Result<Spawned, CloneError> {
     let owner = Ownership {
-        limits,
-        net: net.clone(),
+        limits: opts.limits,
+        net: opts.net.clone(),
+        vsock_reset: opts.vsock_reset,
         ..Ownership::default()
     };
-    spawn(store, master, detach, &owner)
+    spawn(store, master, opts.detach, &owner)
 }
 
 /// Spawns one clone of `master` (recorded in the store before this
@@ -194,6 +200,7 @@ pub fn spawn(
         remove_dir_on_drop: true,
         limits: owner.limits,
         jail: owner.jail,
+        vsock_reset: owner.vsock_reset,
         ..Default::default()
     };
     let source = VmSource::Restore {
@@ -349,7 +356,7 @@ pub fn start(
         // Spawned from this thread: a child's parent-death signal follows
         // the thread that forked it.
         let spawned: Vec<Result<Spawned, CloneError>> = (0..batch)
-            .map(|_| spawn_one(store, &master, opts.detach, opts.limits, &opts.net))
+            .map(|_| spawn_one(store, &master, opts))
             .collect();
         let timeout = opts.timeout;
         let done: Vec<Result<Started, CloneError>> = std::thread::scope(|scope| {
@@ -475,13 +482,15 @@ pub fn spawn_burst(
     let mut spawned = Vec::with_capacity(count);
     for _ in 0..count {
         // On error the clones spawned so far are killed as their handles drop.
-        spawned.push(spawn_one(
-            store,
-            &master,
-            false,
-            Default::default(),
-            &Default::default(),
-        )?);
+        let opts = CloneOptions {
+            detach: false,
+            timeout,
+            parallel: 1,
+            limits: Default::default(),
+            net: Default::default(),
+            vsock_reset: false,
+        };
+        spawned.push(spawn_one(store, &master, &opts)?);
     }
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline

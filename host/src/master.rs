@@ -209,9 +209,12 @@ fn create_in(
         );
     }
     agent.ping()?;
-    // Closed before the freeze: a clone must not inherit a connection.
-    drop(agent);
+    // Open and idle at the freeze: every clone gets this connection, live,
+    // with the agent already waiting on it (the VMM hands it to the first
+    // host connection), so a clone skips the transport reset and a new
+    // connection. Closed only after the freeze, which the guest never sees.
     let frozen = vm.freeze(Duration::from_secs(60))?;
+    drop(agent);
     // The master's jailed VMM wrote the snapshot as its own uid: it becomes
     // this user's again, readable by the clones' VMMs (inside their jails).
     crate::confine::reclaim(&snap_dir).map_err(crate::vmm::VmError::from)?;

@@ -1161,6 +1161,7 @@ impl Runtime {
             limits: req.limits,
             net: req.net.clone(),
             jail: None,
+            vsock_reset: false,
         };
         let parallel = self.cfg.parallel.clamp(1, req.count.max(1));
         let next = std::sync::atomic::AtomicUsize::new(0);

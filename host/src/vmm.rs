@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::ctl::{CtlRequest, CtlResponse};
-use proto::events::{now_us, Event, ExitReason};
+use proto::events::{now_us, DevicePhase, Event, ExitReason};
 use proto::launch::{BootSource, ConsoleTarget, SnapshotCheck, VmSource, VmmLaunch};
 
 use crate::confine::{self, Confined, VmFiles};
@@ -145,6 +145,62 @@ pub struct Timeline {
     pub identity_us: Option<u64>,
     /// The agent answered a ping (clones).
     pub ping_us: Option<u64>,
+    /// The vsock device's steps on the way there (restored VMs).
+    pub vsock: VsockSteps,
+}
+
+/// When a restored VM's vsock device took each step to its first answer
+/// (`CLOCK_MONOTONIC` µs, from its [`Event::DevicePhase`] events; the
+/// first of each), and how often it raised an interrupt again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VsockSteps {
+    /// The transport reset event was posted.
+    pub reset_posted_us: Option<u64>,
+    /// The guest handled it (or it was given up on: `reset_late`).
+    pub reset_acked_us: Option<u64>,
+    /// The guest did not handle it in time.
+    pub reset_late: bool,
+    /// The master's other connections were reset one by one.
+    pub stale_reset_us: Option<u64>,
+    /// The host took over the carried connection.
+    pub carried_us: Option<u64>,
+    /// A connection request went to the guest.
+    pub requested_us: Option<u64>,
+    /// The guest accepted it.
+    pub accepted_us: Option<u64>,
+    /// The first host data went to the guest.
+    pub first_rx_us: Option<u64>,
+    /// The first guest data came back.
+    pub first_tx_us: Option<u64>,
+    /// Interrupts raised until then (steps with an interrupt).
+    pub irqs: u32,
+    /// Interrupts raised again because the guest had not acknowledged
+    /// them (the lost-interrupt watchdog).
+    pub irqs_reraised: u32,
+}
+
+impl VsockSteps {
+    fn record(&mut self, phase: DevicePhase, t_us: u64) {
+        let first = |slot: &mut Option<u64>| {
+            slot.get_or_insert(t_us);
+        };
+        match phase {
+            DevicePhase::TransportResetPosted => first(&mut self.reset_posted_us),
+            DevicePhase::TransportResetAcked => first(&mut self.reset_acked_us),
+            DevicePhase::TransportResetLate => {
+                self.reset_late = true;
+                first(&mut self.reset_acked_us)
+            }
+            DevicePhase::StaleConnectionsReset => first(&mut self.stale_reset_us),
+            DevicePhase::ConnectionCarried => first(&mut self.carried_us),
+            DevicePhase::ConnectionRequested => first(&mut self.requested_us),
+            DevicePhase::ConnectionAccepted => first(&mut self.accepted_us),
+            DevicePhase::FirstRx => first(&mut self.first_rx_us),
+            DevicePhase::FirstTx => first(&mut self.first_tx_us),
+            DevicePhase::IrqRaised => self.irqs += 1,
+            DevicePhase::IrqReraised => self.irqs_reraised += 1,
+        }
+    }
 }
 
 impl Timeline {
@@ -160,6 +216,7 @@ impl Timeline {
             Event::AgentStart { t_us } => self.agent_start_us = Some(t_us),
             Event::AgentReady { t_us } => self.agent_ready_us = Some(t_us),
             Event::DeviceRejected { .. } => {}
+            Event::DevicePhase { t_us, phase, .. } => self.vsock.record(phase, t_us),
             Event::Exit { .. } => {}
         }
     }
@@ -183,6 +240,10 @@ pub struct SpawnOptions {
     pub limits: confine::VmLimits,
     /// Jail it (`None`: as this process's [`confine::settings`] say).
     pub jail: Option<bool>,
+    /// A restored VM resets its vsock transport instead of carrying the
+    /// master's agent connection (`zygote-vmm --vsock-reset`): what a
+    /// Firecracker restore does, for comparison.
+    pub vsock_reset: bool,
 }
 
 /// A VM to boot: image and shape.
@@ -370,6 +431,7 @@ impl VmmProcess {
             remove_dir_on_drop: true,
             limits: Default::default(),
             jail: None,
+            vsock_reset: false,
         };
         let mut boot = spec.boot_source();
         let net = net.map(|(fds, mac)| {
@@ -398,6 +460,7 @@ impl VmmProcess {
     ) -> Result<Self, VmError> {
         let vmm = paths::vmm_binary()?;
         let jailed = opts.jail.unwrap_or(confine::settings().jail);
+        let restore = matches!(source, VmSource::Restore { .. });
         let (mut files, inside) = jail_view(&source)?;
         files.limits = opts.limits;
         let (netns, tap) = match net {
@@ -426,6 +489,7 @@ impl VmmProcess {
             kvm_fd: Some(confine::KVM_FD),
             tap_fd: tap.as_ref().map(|_| confine::TAP_FD),
             seccomp: jailed,
+            vsock_reset: opts.vsock_reset && restore,
         };
         let mut sp = jailer::Spawn::new(&vmm).args(launch.to_args());
         // `ps` shows which VM a (jailed) VMM runs: its arguments are paths

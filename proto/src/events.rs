@@ -75,6 +75,18 @@ pub enum Event {
         /// Why it refused the last one.
         last: String,
     },
+    /// A step of a device on the way to a restored VM's first answer, or
+    /// an interrupt the device had to raise again (see [`DevicePhase`]).
+    /// A restored VM's devices report their steps until the first guest
+    /// data on a connection; re-raised interrupts always.
+    DevicePhase {
+        /// Time.
+        t_us: u64,
+        /// The device: `vsock`, `net`...
+        device: String,
+        /// What happened.
+        phase: DevicePhase,
+    },
     /// The VM ended; the process exits right after.
     Exit {
         /// Time.
@@ -84,6 +96,40 @@ pub enum Event {
         /// Human-readable detail.
         message: String,
     },
+}
+
+/// A device step reported by [`Event::DevicePhase`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DevicePhase {
+    /// vsock: the restored device posted a transport reset event (every
+    /// connection of the master ends in the guest).
+    TransportResetPosted,
+    /// vsock: the guest handled it (handed the event buffer back).
+    TransportResetAcked,
+    /// vsock: the guest did not handle it in time; host connections go
+    /// through anyway.
+    TransportResetLate,
+    /// vsock: connections of the master that could not be carried were
+    /// reset one by one.
+    StaleConnectionsReset,
+    /// vsock: a host connection took over a connection carried from the
+    /// master (no request to the guest).
+    ConnectionCarried,
+    /// vsock: a connection request went to the guest.
+    ConnectionRequested,
+    /// vsock: the guest accepted it.
+    ConnectionAccepted,
+    /// vsock: the first host data went to the guest.
+    FirstRx,
+    /// vsock: the first guest data came back (the device stops reporting
+    /// steps).
+    FirstTx,
+    /// An interrupt was raised (reported while steps are).
+    IrqRaised,
+    /// An interrupt the guest had not acknowledged for a while was raised
+    /// again (a lost interrupt, made visible; always reported).
+    IrqReraised,
 }
 
 /// Microseconds of `CLOCK_MONOTONIC`.
@@ -139,6 +185,21 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
         assert!(now_us() > 0);
+    }
+
+    #[test]
+    fn device_phases_are_tagged_json_lines() {
+        let e = Event::DevicePhase {
+            t_us: 9,
+            device: "vsock".into(),
+            phase: DevicePhase::ConnectionCarried,
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"event":"device_phase","t_us":9,"device":"vsock","phase":"connection_carried"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
     }
 
     #[test]

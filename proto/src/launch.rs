@@ -7,7 +7,7 @@
 //! ```text
 //! zygote-vmm --kernel K [--initrd I] [--cmdline C] [--memory MIB] [--vcpus N] [--cid CID]
 //!            [--snapshot-dir DIR --control SOCK]               boot (a master when --snapshot-dir)
-//! zygote-vmm --restore DIR                                     a clone of a frozen master
+//! zygote-vmm --restore DIR [--vsock-reset]                     a clone of a frozen master
 //! zygote-vmm --check-snapshot DIR                              check only; prints a SnapshotCheck
 //!   common:  [--vsock SOCK] [--control SOCK] [--console none|stderr|PATH] [--detach]
 //!            [--kvm-fd FD] [--tap-fd FD] [--mac MAC] [--no-seccomp]
@@ -54,6 +54,12 @@ pub struct VmmLaunch {
     /// Install the VMM's seccomp filters (one per thread kind) before the
     /// guest runs. Off only for debugging (`--no-seccomp`).
     pub seccomp: bool,
+    /// A restored VM resets its vsock transport (every connection of the
+    /// master ends, the host connects anew), as a Firecracker restore
+    /// does, instead of carrying the master's idle connections into the
+    /// clone (`--vsock-reset`; restore only). For comparison and
+    /// debugging: carrying is what clones are made with.
+    pub vsock_reset: bool,
 }
 
 /// A MAC address, written `02:00:00:00:00:01`.
@@ -252,6 +258,8 @@ Started by the zygote tools; not meant to be run by hand (but it can be).
   --cid CID              guest vsock CID (default 3)
   --snapshot-dir DIR     boot a VM that can be frozen into DIR (needs --control)
   --restore DIR          start from a frozen master's snapshot instead of booting
+  --vsock-reset          (restore) reset the vsock transport instead of carrying the
+                         master's idle connections into the clone
   --check-snapshot DIR   check that DIR can be restored here, print one JSON line, exit
   --vsock PATH           Unix socket for the host side of virtio-vsock
   --control PATH         Unix socket for control requests (freeze)
@@ -276,6 +284,7 @@ impl VmmLaunch {
             kvm_fd: None,
             tap_fd: None,
             seccomp: true,
+            vsock_reset: false,
         }
     }
 
@@ -330,6 +339,9 @@ impl VmmLaunch {
         }
         if !self.seccomp {
             a.push("--no-seccomp".into());
+        }
+        if self.vsock_reset {
+            a.push("--vsock-reset".into());
         }
         a
     }
@@ -399,6 +411,7 @@ impl VmmLaunch {
                 }
                 "--detach" if inline.is_none() => launch.detach = true,
                 "--no-seccomp" if inline.is_none() => launch.seccomp = false,
+                "--vsock-reset" if inline.is_none() => launch.vsock_reset = true,
                 "--kvm-fd" => launch.kvm_fd = Some(fd_number("--kvm-fd", value("--kvm-fd")?)?),
                 "--tap-fd" => launch.tap_fd = Some(fd_number("--tap-fd", value("--tap-fd")?)?),
                 "--mac" => {
@@ -420,6 +433,11 @@ impl VmmLaunch {
                 }
                 _ => return Err(LaunchError::Unknown(arg)),
             }
+        }
+        if launch.vsock_reset && restore.is_none() {
+            return Err(LaunchError::Conflict(
+                "--vsock-reset is for --restore only (a booted VM has no connection to carry)",
+            ));
         }
         launch.source = match (kernel, restore, check) {
             (Some(k), None, None) => {
@@ -535,6 +553,8 @@ mod tests {
         r.tap_fd = Some(9);
         r.console = ConsoleTarget::File("with space/console.log".into());
         round_trip(&r);
+        r.vsock_reset = true;
+        round_trip(&r);
         round_trip(&VmmLaunch::new(VmSource::CheckSnapshot {
             snapshot: "/s".into(),
         }));
@@ -590,6 +610,7 @@ mod tests {
         assert!(e(&["--kernel"]).contains("needs a value"));
         assert!(e(&["--kernel", "/k", "--frobnicate"]).contains("unknown"));
         assert!(e(&["--kernel", "/k", "--detach=yes"]).contains("unknown"));
+        assert!(e(&["--kernel", "/k", "--vsock-reset"]).contains("--restore only"));
         assert_eq!(
             VmmLaunch::parse([OsString::from("--help")]).unwrap(),
             Parsed::Help

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use host::agent::AgentClient;
 use host::store::Store;
+use proto::events::{DevicePhase, Event};
 use zygote_tests::{image, ok, processes_mentioning, Sandbox};
 
 const MASTER: &str = "warm";
@@ -134,6 +135,59 @@ fn clones_of_a_warm_master() {
         "every clone reads different random bytes"
     );
     assert_eq!(hostnames.len(), 10);
+
+    // Each clone's host took over the agent connection carried from the
+    // master: no transport reset, no new connection. A clone made the
+    // other way (reset, connect anew: what a Firecracker restore does)
+    // answers too, and is as unique.
+    let phases = |id: &str| -> Vec<DevicePhase> {
+        host::vmm::read_events(&store.clone_dir(id))
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::DevicePhase { phase, .. } => Some(phase),
+                _ => None,
+            })
+            .collect()
+    };
+    for id in &ids {
+        let p = phases(id);
+        assert!(p.contains(&DevicePhase::ConnectionCarried), "{id}: {p:?}");
+        assert!(
+            !p.contains(&DevicePhase::TransportResetPosted),
+            "{id}: {p:?}"
+        );
+    }
+    let out = sandbox.zygote(&["clone", MASTER, "--detach", "--connection", "reset"], b"");
+    let reset_id = ok(&out, "clone --connection reset").trim().to_string();
+    let p = phases(&reset_id);
+    for step in [
+        DevicePhase::TransportResetPosted,
+        DevicePhase::ConnectionRequested,
+        DevicePhase::ConnectionAccepted,
+    ] {
+        assert!(p.contains(&step), "{reset_id}: {step:?} in {p:?}");
+    }
+    assert!(!p.contains(&DevicePhase::ConnectionCarried), "{p:?}");
+    let out = exec(
+        &sandbox,
+        &reset_id,
+        &[
+            "head",
+            "-q",
+            "-c",
+            "4096",
+            "/dev/urandom",
+            "/proc/sys/kernel/hostname",
+        ],
+    );
+    assert!(out.status.success(), "{reset_id}: {out:?}");
+    let (random, rest) = out.stdout.split_at(4096);
+    assert_eq!(String::from_utf8_lossy(rest).trim(), reset_id);
+    assert!(
+        randoms.insert(random[..32].to_vec()),
+        "its random bytes are its own"
+    );
+    ok(&sandbox.zygote(&["kill", &reset_id], b""), "kill");
 
     // The wall clock was set from the host's at clone time.
     let before = unix_s();

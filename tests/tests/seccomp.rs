@@ -82,6 +82,7 @@ fn spawn_clone_vmm(snapshot: &Path, dir: &Path, seccomp: bool, violation: Option
         kvm_fd: None,
         tap_fd: None,
         seccomp,
+        vsock_reset: false,
     };
     let mut cmd = Command::new(bin("zygote-vmm"));
     cmd.args(launch.to_args())

@@ -697,6 +697,7 @@ fn restore_machine(
         let args = MmioConstructorArgs {
             mem: mem.clone(),
             vsock_uds: launch.vsock.clone(),
+            vsock_reset: launch.vsock_reset,
             net_tap,
         };
         let t = MmioTransport::restore(args, &d.device)

@@ -309,6 +309,7 @@ mod tests {
         DeviceModelState::Vsock(VsockState {
             version: VSOCK_STATE_VERSION,
             guest_cid: 3,
+            connections: None,
         })
     }
 

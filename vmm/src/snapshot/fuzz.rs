@@ -80,6 +80,7 @@ fn valid_state() -> Value {
                 DeviceModelState::Vsock(VsockState {
                     version: VSOCK_STATE_VERSION,
                     guest_cid: 3,
+                    connections: None,
                 }),
                 0,
             ),

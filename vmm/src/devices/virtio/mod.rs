@@ -23,7 +23,7 @@
 use std::io;
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::EventSet;
@@ -151,6 +151,8 @@ struct InterruptInner {
     status: AtomicU32,
     needs_reset: AtomicBool,
     config_generation: AtomicU32,
+    /// Interrupts raised since the handle was made.
+    raised: AtomicU64,
     evt: EventFd,
 }
 
@@ -174,6 +176,7 @@ impl Interrupt {
                 status: AtomicU32::new(0),
                 needs_reset: AtomicBool::new(false),
                 config_generation: AtomicU32::new(0),
+                raised: AtomicU64::new(0),
                 evt,
             }),
         })
@@ -181,6 +184,7 @@ impl Interrupt {
 
     fn trigger(&self, bit: u32) {
         self.inner.status.fetch_or(bit, Ordering::SeqCst);
+        self.inner.raised.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.inner.evt.write(1) {
             warn_limited!("failed to signal the interrupt eventfd: {e}");
         }
@@ -218,6 +222,11 @@ impl Interrupt {
     /// Clears the given interrupt status bits (`InterruptACK`).
     pub fn ack(&self, bits: u32) {
         self.inner.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// How many interrupts were raised through this handle.
+    pub fn raised(&self) -> u64 {
+        self.inner.raised.load(Ordering::Relaxed)
     }
 
     /// Current configuration generation.
@@ -330,6 +339,12 @@ pub trait VirtioDevice: Send {
     fn rejected(&self) -> Rejected {
         Rejected::default()
     }
+
+    /// Moves the steps the device recorded since the last call (with their
+    /// `CLOCK_MONOTONIC` µs) into `out`; the VMM reports them as
+    /// [`proto::events::Event::DevicePhase`]. Devices that record none
+    /// keep the default.
+    fn take_phases(&mut self, _out: &mut Vec<(proto::events::DevicePhase, u64)>) {}
 }
 
 /// A device's count of refused guest requests ([`VirtioDevice::rejected`]).

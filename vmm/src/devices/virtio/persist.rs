@@ -364,6 +364,9 @@ pub struct MmioConstructorArgs {
     pub mem: GuestMemoryMmap,
     /// The clone's vsock Unix socket (each clone has its own), if any.
     pub vsock_uds: Option<PathBuf>,
+    /// Reset the vsock transport instead of carrying the master's idle
+    /// connections (`--vsock-reset`).
+    pub vsock_reset: bool,
     /// The clone's tap, for a net device (none: the device is restored
     /// disconnected).
     pub net_tap: Option<Tap>,
@@ -411,7 +414,11 @@ impl Persist for MmioTransport {
         let device: Box<dyn VirtioDevice> = match &state.model {
             DeviceModelState::Vsock(s) => {
                 let uds_path = args.vsock_uds.ok_or(DeviceRestoreError::NoVsockSocket)?;
-                Box::new(Vsock::restore(VsockConstructorArgs { uds_path }, s)?)
+                let args = VsockConstructorArgs {
+                    uds_path,
+                    reset: args.vsock_reset,
+                };
+                Box::new(Vsock::restore(args, s)?)
             }
             DeviceModelState::Rng(s) => Box::new(Rng::restore(RngConstructorArgs, s)?),
             DeviceModelState::Net(s) => {
@@ -616,6 +623,7 @@ mod tests {
         let back: VirtioDeviceState = serde_json::from_str(&json).unwrap();
         let args = || MmioConstructorArgs {
             mem: m.clone(),
+            vsock_reset: false,
             vsock_uds: None,
             net_tap: None,
         };
@@ -642,6 +650,7 @@ mod tests {
             model: DeviceModelState::Vsock(VsockState {
                 version: crate::devices::virtio::vsock::persist::VSOCK_STATE_VERSION,
                 guest_cid: 3,
+                connections: None,
             }),
             transport: MmioState {
                 device_type: TYPE_VSOCK,

@@ -4,6 +4,10 @@
 //! device event loop and emits [`Event::DeviceRejected`] on the events
 //! stream when it grew.
 //!
+//! It also reports the steps devices record on the way to a restored VM's
+//! first answer ([`VirtioDevice::take_phases`](super::VirtioDevice::take_phases))
+//! as [`Event::DevicePhase`], unpaced: a device records only a handful.
+//!
 //! It owns the pacing: at most one event per device per [`REPORT_INTERVAL`]
 //! (a growth inside the interval is reported when it ends, through a
 //! timerfd on the event loop), and a last one at exit ([`RejectReporter::finish`])
@@ -54,6 +58,8 @@ pub struct RejectReporter {
     timer: TimerFd,
     /// Whether `timer` runs (a deferred report is due when it fires).
     timer_armed: bool,
+    /// Device steps taken from a device, to report (reused).
+    phases: Vec<(proto::events::DevicePhase, u64)>,
 }
 
 /// The name a device goes by in events: its kind (`net`, `blk`, `rng`,
@@ -111,6 +117,7 @@ impl RejectReporter {
             events,
             timer: TimerFd::new().map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
             timer_armed: false,
+            phases: Vec::new(),
         })
     }
 
@@ -123,7 +130,7 @@ impl RejectReporter {
     fn check_at(&mut self, now: Instant) {
         let mut next_due: Option<Instant> = None;
         for d in &mut self.devices {
-            let rejected = lock(&d.transport).device().rejected();
+            let rejected = report_phases(&self.events, &mut self.phases, d);
             if rejected.count == d.reported {
                 continue;
             }
@@ -155,7 +162,7 @@ impl RejectReporter {
     /// whatever the interval: the last word before the VMM exits.
     pub fn finish(&mut self) {
         for d in &mut self.devices {
-            let rejected = lock(&d.transport).device().rejected();
+            let rejected = report_phases(&self.events, &mut self.phases, d);
             if rejected.count != d.reported {
                 emit(&self.events, &d.name, rejected.count, rejected.last);
                 d.reported = rejected.count;
@@ -163,6 +170,28 @@ impl RejectReporter {
             }
         }
     }
+}
+
+/// Reports the steps device `d` recorded since the last turn and returns
+/// its rejected count (one lock of its transport for both).
+fn report_phases(
+    events: &EventSink,
+    phases: &mut Vec<(proto::events::DevicePhase, u64)>,
+    d: &Watched,
+) -> super::Rejected {
+    let rejected = {
+        let mut t = lock(&d.transport);
+        t.device_mut().take_phases(phases);
+        t.device().rejected()
+    };
+    for (phase, t_us) in phases.drain(..) {
+        events.emit(&Event::DevicePhase {
+            t_us,
+            device: d.name.clone(),
+            phase,
+        });
+    }
+    rejected
 }
 
 fn emit(events: &EventSink, device: &str, count: u64, last: Option<String>) {

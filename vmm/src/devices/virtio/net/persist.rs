@@ -220,6 +220,7 @@ mod tests {
         let (tap, peer) = socket_tap();
         let args = MmioConstructorArgs {
             mem: m.clone(),
+            vsock_reset: false,
             vsock_uds: None,
             net_tap: Some(tap),
         };
@@ -256,6 +257,7 @@ mod tests {
         let generation = saved.transport.config_generation;
         let args = MmioConstructorArgs {
             mem: m.clone(),
+            vsock_reset: false,
             vsock_uds: None,
             net_tap: None,
         };

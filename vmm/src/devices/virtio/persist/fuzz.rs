@@ -17,7 +17,9 @@ use crate::devices::virtio::mmio::{MMIO_WINDOW_SIZE, REG_STATUS};
 use crate::devices::virtio::net;
 use crate::devices::virtio::rng::persist::RNG_STATE_VERSION;
 use crate::devices::virtio::test_utils::{mem, MEM_SIZE};
-use crate::devices::virtio::vsock::persist::VSOCK_STATE_VERSION;
+use crate::devices::virtio::vsock::persist::{
+    CarriedCounters, SavedConnection, VSOCK_STATE_VERSION,
+};
 use crate::devices::virtio::{
     rng, vsock, STATUS_ACKNOWLEDGE, STATUS_DRIVER, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -173,15 +175,38 @@ fn apply(state: &mut VirtioDeviceState, d: &Damage) {
 
 /// A device state as a snapshot may hold it: a plausible one (a device
 /// the driver set up, or one it did not touch), then up to three damages.
+/// A vsock state lists a few connections (ports may repeat), carried or
+/// not, with any counters, or none.
+fn saved_connections() -> impl Strategy<Value = Option<Vec<SavedConnection>>> {
+    let counters = (any::<[u32; 5]>()).prop_map(|c| CarriedCounters {
+        fwd_cnt: c[0],
+        fwd_cnt_told: c[1],
+        rx_cnt: c[2],
+        peer_buf_alloc: c[3],
+        peer_fwd_cnt: c[4],
+    });
+    let conn = (0u32..4, any::<u32>(), proptest::option::of(counters)).prop_map(
+        |(local, peer_port, carried)| SavedConnection {
+            local_port: (1 << 30) + local,
+            peer_port,
+            carried,
+        },
+    );
+    proptest::option::of(proptest::collection::vec(conn, 0..4))
+}
+
 fn device_state() -> impl Strategy<Value = VirtioDeviceState> {
     let model = prop_oneof![
         Just(DeviceModelState::Rng(RngState {
             version: RNG_STATE_VERSION
         })),
-        (3u64..0x1_0000).prop_map(|guest_cid| DeviceModelState::Vsock(VsockState {
-            version: VSOCK_STATE_VERSION,
-            guest_cid,
-        })),
+        (3u64..0x1_0000, saved_connections()).prop_map(|(guest_cid, connections)| {
+            DeviceModelState::Vsock(VsockState {
+                version: VSOCK_STATE_VERSION,
+                guest_cid,
+                connections,
+            })
+        }),
     ];
     let good_status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
     let features = prop_oneof![
@@ -283,6 +308,7 @@ proptest! {
         }
         let args = MmioConstructorArgs {
             mem: m.clone(),
+            vsock_reset: false,
             vsock_uds: Some(sock_path()),
             net_tap: None,
         };
@@ -300,9 +326,12 @@ proptest! {
         prop_assert_eq!(saved.regs, state.transport.regs);
         prop_assert_eq!(&saved.queues, &state.transport.queues);
         if let DeviceModelState::Vsock(_) = state.model {
-            // A restored vsock posts its transport reset: a used-buffer
-            // interrupt on top of what was saved.
-            prop_assert_eq!(saved.interrupt_status | 1, (state.transport.interrupt_status & 3) | 1);
+            // A restored vsock posts its transport reset or resets the
+            // master's stale connections: a used-buffer interrupt on top
+            // of what was saved, and a configuration change if a ring it
+            // used was corrupted.
+            let extra = if saved.needs_reset { 3 } else { 1 };
+            prop_assert_eq!(saved.interrupt_status | extra, (state.transport.interrupt_status & 3) | extra);
         } else {
             prop_assert_eq!(saved.interrupt_status, state.transport.interrupt_status & 3);
         }

@@ -22,6 +22,7 @@ use super::packet::{
     VsockHeader, HOST_CID, MAX_PKT_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST,
     OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
+use super::persist::CarriedCounters;
 use crate::devices::virtio::warn_limited;
 
 /// Receive buffer space advertised to the guest, per connection.
@@ -183,6 +184,65 @@ impl Connection {
         }
     }
 
+    /// Continues a connection carried from the master's snapshot over a
+    /// new host stream: established, with the saved credit counters, and
+    /// `OK <local port> carried` queued for the stream. The guest is not
+    /// told anything: for its socket, nothing happened.
+    pub fn resume(
+        stream: UnixStream,
+        token: u64,
+        local_port: u32,
+        peer_port: u32,
+        c: &CarriedCounters,
+    ) -> Self {
+        let mut conn = Connection::new(stream, token, local_port);
+        conn.peer_port = peer_port;
+        conn.state = State::Established;
+        conn.recv_cnt = Wrapping(c.fwd_cnt);
+        conn.fwd_cnt = Wrapping(c.fwd_cnt);
+        conn.last_fwd_cnt_sent = Wrapping(c.fwd_cnt_told);
+        conn.rx_cnt = Wrapping(c.rx_cnt);
+        conn.peer_buf_alloc = c.peer_buf_alloc;
+        conn.peer_fwd_cnt = Wrapping(c.peer_fwd_cnt);
+        let line = format!("OK {local_port} carried\n");
+        conn.tx_prefix = line.len();
+        conn.tx_buf.extend(line.as_bytes());
+        conn.flush();
+        conn
+    }
+
+    /// What a clone continues this connection from, if it is idle:
+    /// established, every guest byte forwarded to the host, neither side
+    /// closing, no control packet owed but a credit update. `None` for any
+    /// other connection (a clone resets it).
+    pub fn carriable(&self) -> Option<CarriedCounters> {
+        let owed = pending::REQUEST | pending::SHUTDOWN | pending::RST;
+        let idle = self.state == State::Established
+            && self.tx_buf.is_empty()
+            && self.recv_cnt == self.fwd_cnt
+            && !self.local_eof
+            && !self.write_shut
+            && self.peer_shutdown == 0
+            && self.pending & owed == 0;
+        idle.then_some(CarriedCounters {
+            fwd_cnt: self.fwd_cnt.0,
+            fwd_cnt_told: self.last_fwd_cnt_sent.0,
+            rx_cnt: self.rx_cnt.0,
+            peer_buf_alloc: self.peer_buf_alloc,
+            peer_fwd_cnt: self.peer_fwd_cnt.0,
+        })
+    }
+
+    /// Whether the guest knows of this connection (it was asked to accept
+    /// it): a clone must reset it unless it is carried.
+    pub fn guest_knows(&self) -> bool {
+        match self.state {
+            State::AwaitConnectLine => false,
+            State::LocalInit => self.pending & pending::REQUEST == 0,
+            State::Established | State::Closing => true,
+        }
+    }
+
     /// Guest bytes held for the Unix stream (for tests of the bounds).
     #[cfg(test)]
     pub fn buffered(&self) -> usize {
@@ -210,11 +270,7 @@ impl Connection {
 
     /// Aborts the connection: the guest gets an `OP_RST` (if it knows about the connection).
     pub fn kill(&mut self) {
-        let guest_knows = match self.state {
-            State::AwaitConnectLine => false,
-            State::LocalInit => self.pending & pending::REQUEST == 0,
-            State::Established | State::Closing => true,
-        };
+        let guest_knows = self.guest_knows();
         self.close_now();
         if guest_knows {
             self.pending = pending::RST;

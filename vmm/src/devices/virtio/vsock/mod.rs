@@ -31,7 +31,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use self::muxer::{Muxer, Refusal};
-use self::packet::{VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
+use self::packet::{
+    VsockHeader, HDR_SIZE, HOST_CID, MAX_PKT_PAYLOAD, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM,
+};
+use self::persist::SavedConnection;
 use super::chain::{self, ChainBuffers, DescriptorError, Direction, RingError};
 use super::persist::DeviceModelState;
 use super::Active;
@@ -40,6 +43,7 @@ use super::{
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::persist::Persist;
+use proto::events::DevicePhase;
 
 pub use self::connection::{CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD};
 pub use self::muxer::MAX_CONNECTIONS;
@@ -96,6 +100,46 @@ pub struct Vsock {
     reset_deadline: Option<std::time::Instant>,
     /// What the device refused from the guest.
     rejected: Rejected,
+    /// The master's connections, from the snapshot, until
+    /// [`VirtioDevice::restored`] takes them (`None`: reset the transport).
+    saved: Option<Vec<SavedConnection>>,
+    /// Steps recorded for the events stream.
+    trace: Trace,
+}
+
+/// Most steps kept for the events stream between two reports.
+const MAX_STEPS: usize = 64;
+
+/// What a restored device records on the way to the first answer (see
+/// [`DevicePhase`]): the steps until the first guest data, and interrupts
+/// raised again whenever.
+#[derive(Debug, Default)]
+struct Trace {
+    /// Whether steps are recorded.
+    on: bool,
+    steps: Vec<(DevicePhase, u64)>,
+    /// The interrupt count last seen.
+    irqs: u64,
+    /// Whether host data reached the guest yet.
+    rx_seen: bool,
+    /// The muxer's count of carried connections taken over, last seen.
+    claims: u64,
+}
+
+impl Trace {
+    /// Records `phase` if steps are recorded.
+    fn note(&mut self, phase: DevicePhase) {
+        if self.on {
+            self.always(phase);
+        }
+    }
+
+    /// Records `phase` (bounded: the oldest steps stay).
+    fn always(&mut self, phase: DevicePhase) {
+        if self.steps.len() < MAX_STEPS {
+            self.steps.push((phase, proto::events::now_us()));
+        }
+    }
 }
 
 impl std::fmt::Debug for Vsock {
@@ -127,6 +171,8 @@ impl Vsock {
             nudging: false,
             pending_ticks: 0,
             rejected: Rejected::default(),
+            saved: None,
+            trace: Trace::default(),
         })
     }
 
@@ -147,7 +193,7 @@ impl Vsock {
         scratch: &mut [u8],
         guest_cid: u64,
         bufs: &ChainBuffers,
-    ) -> Result<(), TxError> {
+    ) -> Result<u16, TxError> {
         let mut raw = [0u8; HDR_SIZE];
         if bufs.len() < HDR_SIZE {
             return Err(TxError::ShorterThanHeader(bufs.len()));
@@ -172,7 +218,8 @@ impl Vsock {
         if bufs.read_at(mem, HDR_SIZE, payload)? != len {
             return Err(TxError::ShortPayload);
         }
-        Ok(muxer.handle_guest_packet(&hdr, payload)?)
+        muxer.handle_guest_packet(&hdr, payload)?;
+        Ok(hdr.op)
     }
 
     fn process_tx(&mut self) {
@@ -212,9 +259,17 @@ impl Vsock {
                             &bufs,
                         )
                     });
-                if let Err(e) = res {
-                    warn_limited!("vsock: dropping TX packet: {}", crate::error_chain(&e));
-                    Rejection::Tx(e).count(rejected);
+                match res {
+                    Ok(OP_RESPONSE) => self.trace.note(DevicePhase::ConnectionAccepted),
+                    Ok(OP_RW) if self.trace.on => {
+                        self.trace.note(DevicePhase::FirstTx);
+                        self.trace.on = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn_limited!("vsock: dropping TX packet: {}", crate::error_chain(&e));
+                        Rejection::Tx(e).count(rejected);
+                    }
                 }
                 if let Err(source) = chain::try_add_used(txq, mem, head, 0, irq) {
                     Rejection::Ring {
@@ -295,6 +350,14 @@ impl Vsock {
                 rxq.go_to_previous_position();
                 break;
             };
+            match hdr.op {
+                OP_REQUEST => self.trace.note(DevicePhase::ConnectionRequested),
+                OP_RW if !self.trace.rx_seen => {
+                    self.trace.rx_seen = true;
+                    self.trace.note(DevicePhase::FirstRx);
+                }
+                _ => {}
+            }
             let written = bufs
                 .write_at(mem, 0, &hdr.to_bytes())
                 .and_then(|_| bufs.write_at(mem, HDR_SIZE, &self.scratch[..n]));
@@ -371,7 +434,12 @@ impl VirtioDevice for Vsock {
             }
             // The guest handed an event buffer back: it has handled the
             // transport reset, new host connections can go through.
-            EVQ => self.end_reset_wait(),
+            EVQ => {
+                if self.muxer.is_held() {
+                    self.trace.note(DevicePhase::TransportResetAcked);
+                }
+                self.end_reset_wait()
+            }
             _ => {}
         }
         self.watch_interrupt();
@@ -388,6 +456,10 @@ impl VirtioDevice for Vsock {
             return;
         }
         self.muxer.process_host_events();
+        if self.muxer.claims != self.trace.claims {
+            self.trace.claims = self.muxer.claims;
+            self.trace.note(DevicePhase::ConnectionCarried);
+        }
         self.process_rx();
         self.watch_interrupt();
     }
@@ -404,12 +476,29 @@ impl VirtioDevice for Vsock {
         self.rejected.clone()
     }
 
-    /// Host connections do not survive into a restored VM: tell the guest
-    /// with a transport reset event, so that it drops its connections
-    /// (listening sockets stay) and re-reads the guest CID.
+    fn take_phases(&mut self, out: &mut Vec<(DevicePhase, u64)>) {
+        out.append(&mut self.trace.steps);
+    }
+
+    /// The master's idle connections are carried into the clone (the
+    /// first host `CONNECT` to their guest port takes each over), the
+    /// others are reset one by one. Without a list of them (`--vsock-reset`
+    /// or an older snapshot) host connections do not survive: the guest
+    /// is told with a transport reset event, so that it drops every
+    /// connection (listening sockets stay) and re-reads the guest CID.
     fn restored(&mut self) {
         self.muxer.reset();
         self.muxer.randomize_ports();
+        self.trace.on = true;
+        self.trace.irqs = self.active.as_ref().map_or(0, |a| a.irq.raised());
+        if let Some(saved) = self.saved.take() {
+            if self.muxer.restore_connections(&saved) > 0 {
+                self.trace.note(DevicePhase::StaleConnectionsReset);
+                self.process_rx();
+                self.watch_interrupt();
+            }
+            return;
+        }
         let Some(Active { mem, queues, irq }) = self.active.as_mut() else {
             return;
         };
@@ -453,6 +542,7 @@ impl VirtioDevice for Vsock {
         // Ask to be told when the guest hands the buffer back.
         chain::notify_on_next_avail(evq, mem, irq);
         irq.signal_used_queue();
+        self.trace.note(DevicePhase::TransportResetPosted);
         self.muxer.hold(true);
         self.reset_deadline = Some(std::time::Instant::now() + RESET_GRACE);
         self.start_nudging();
@@ -469,6 +559,13 @@ impl Vsock {
 
     /// Ticks while the guest owes an acknowledgement.
     fn watch_interrupt(&mut self) {
+        if self.trace.on {
+            let raised = self.active.as_ref().map_or(0, |a| a.irq.raised());
+            if raised != self.trace.irqs {
+                self.trace.irqs = raised;
+                self.trace.note(DevicePhase::IrqRaised);
+            }
+        }
         let pending = self
             .active
             .as_ref()
@@ -484,6 +581,7 @@ impl Vsock {
             .is_none_or(|d| std::time::Instant::now() >= d);
         if self.muxer.is_held() && late {
             warn_limited!("vsock: the guest did not acknowledge the transport reset in time");
+            self.trace.note(DevicePhase::TransportResetLate);
             self.end_reset_wait();
         }
         // Raising it again costs the guest an interrupt, which is dear on
@@ -500,6 +598,7 @@ impl Vsock {
                 if self.pending_ticks.is_multiple_of(every) {
                     // The used buffers stay where they are.
                     a.irq.signal_used_queue();
+                    self.trace.always(DevicePhase::IrqReraised);
                 }
                 true
             }

@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::connection::{Connection, State, Violation};
-use super::packet::{VsockHeader, HOST_CID, OP_CREDIT_REQUEST, OP_REQUEST, OP_RST, TYPE_STREAM};
+use super::connection::{pending, Connection, State, Violation, CONN_BUF_ALLOC};
+use super::packet::{
+    VsockHeader, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RST, TYPE_STREAM,
+};
+use super::persist::{CarriedCounters, SavedConnection};
 use crate::devices::virtio::{warn_limited, Error};
 
 /// Most simultaneous host connections (each may buffer up to `CONN_BUF_ALLOC` bytes).
@@ -83,6 +86,19 @@ pub(super) struct Muxer {
     next_port: u32,
     next_id: u32,
     events: Vec<EpollEvent>,
+    /// Connections carried from the master's snapshot that no host stream
+    /// took over yet, by host port: the first `CONNECT` to their guest
+    /// port does ([`Muxer::restore_connections`]).
+    parked: HashMap<u32, Parked>,
+    /// How many carried connections host streams took over.
+    pub claims: u64,
+}
+
+/// A carried connection waiting for its host stream.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    peer_port: u32,
+    counters: CarriedCounters,
 }
 
 impl Muxer {
@@ -120,6 +136,8 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             next_id: 1,
             events: vec![EpollEvent::default(); EPOLL_BATCH],
+            parked: HashMap::new(),
+            claims: 0,
         })
     }
 
@@ -232,7 +250,7 @@ impl Muxer {
             } else {
                 p + 1
             };
-            if !self.conns.contains_key(&p) {
+            if !self.conns.contains_key(&p) && !self.parked.contains_key(&p) {
                 return Some(p);
             }
         }
@@ -279,11 +297,26 @@ impl Muxer {
     }
 
     /// Applies the consequences of a state change of connection `port`: drops it when it is
-    /// finished, fixes its epoll interest and queues it for RX if it has packets.
+    /// finished, fixes its epoll interest and queues it for RX if it has packets. A host
+    /// stream that just asked for a guest port with a carried connection takes that one
+    /// over instead.
     fn after_change(&mut self, port: u32) {
         let Some(conn) = self.conns.get_mut(&port) else {
             return;
         };
+        if conn.state == State::LocalInit && conn.pending & pending::REQUEST != 0 {
+            let peer = conn.peer_port;
+            // The lowest host port first: the same choice every time.
+            let carried = self
+                .parked
+                .iter()
+                .filter(|(_, p)| p.peer_port == peer)
+                .map(|(&lp, _)| lp)
+                .min();
+            if let Some(carried) = carried {
+                return self.claim(port, carried);
+            }
+        }
         if !conn.is_finished() {
             if let Err(e) = conn.update_interest(&self.epoll) {
                 warn_limited!("vsock: epoll update failed: {e}");
@@ -302,25 +335,148 @@ impl Muxer {
         }
     }
 
-    fn push_rst_reply(&mut self, hdr: &VsockHeader) -> Result<(), Refusal> {
-        if self.raw_count >= MAX_RAW_PACKETS {
-            warn_limited!("vsock: too many queued resets, dropping one");
-            return Err(Refusal::ResetQueueFull(hdr.src_port));
+    /// Host stream `port` (its `CONNECT` line just read) takes over the
+    /// carried connection at host port `carried`.
+    fn claim(&mut self, port: u32, carried: u32) {
+        let (Some(mut conn), Some(parked)) =
+            (self.conns.remove(&port), self.parked.remove(&carried))
+        else {
+            return;
+        };
+        conn.deregister(&self.epoll);
+        let token = (u64::from(self.next_id) << 32) | u64::from(carried);
+        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+        let resumed = Connection::resume(
+            conn.stream,
+            token,
+            carried,
+            parked.peer_port,
+            &parked.counters,
+        );
+        self.conns.insert(carried, resumed);
+        self.claims += 1;
+        self.after_change(carried);
+    }
+
+    /// The host connections the guest knows of, for a snapshot: per guest
+    /// port the newest idle one is carried (with the parked ones, which
+    /// are idle by definition), every other one is listed to be reset.
+    pub fn saved_connections(&self) -> Vec<SavedConnection> {
+        let mut out: Vec<SavedConnection> = self
+            .parked
+            .iter()
+            .map(|(&local_port, p)| SavedConnection {
+                local_port,
+                peer_port: p.peer_port,
+                carried: Some(p.counters),
+            })
+            .collect();
+        let mut live: Vec<&Connection> = self.conns.values().filter(|c| c.guest_knows()).collect();
+        // Newest first (the id is the token's high half).
+        live.sort_by_key(|c| std::cmp::Reverse(c.token >> 32));
+        for c in live {
+            let taken = out
+                .iter()
+                .any(|s| s.peer_port == c.peer_port && s.carried.is_some());
+            out.push(SavedConnection {
+                local_port: c.local_port,
+                peer_port: c.peer_port,
+                carried: if taken { None } else { c.carriable() },
+            });
         }
-        self.raw_count += 1;
-        self.rxq.push_back(RxItem::Raw(VsockHeader {
+        out.sort_by_key(|s| s.local_port);
+        out
+    }
+
+    /// Takes a restored VM's connections from its master's snapshot: the
+    /// carried ones wait for their host stream, a reset goes to the guest
+    /// for each other one. Returns how many were reset.
+    pub fn restore_connections(&mut self, saved: &[SavedConnection]) -> usize {
+        let mut reset = 0;
+        for s in saved {
+            match s.carried {
+                Some(counters) => {
+                    self.parked.insert(
+                        s.local_port,
+                        Parked {
+                            peer_port: s.peer_port,
+                            counters,
+                        },
+                    );
+                }
+                None => {
+                    if self
+                        .push_raw(self.header_to(s.local_port, s.peer_port, OP_RST))
+                        .is_ok()
+                    {
+                        reset += 1;
+                    }
+                }
+            }
+        }
+        reset
+    }
+
+    /// Handles a guest packet for a parked connection, if it is one:
+    /// credit bookkeeping is kept, anything else ends the carriage (the
+    /// caller then answers as for an unknown connection: a reset).
+    fn parked_packet(&mut self, hdr: &VsockHeader) -> Option<Result<(), Refusal>> {
+        let p = self.parked.get_mut(&hdr.dst_port)?;
+        if p.peer_port != hdr.src_port {
+            return None;
+        }
+        p.counters.peer_buf_alloc = hdr.buf_alloc;
+        p.counters.peer_fwd_cnt = hdr.fwd_cnt;
+        match hdr.op {
+            OP_CREDIT_UPDATE => Some(Ok(())),
+            OP_CREDIT_REQUEST => {
+                p.counters.fwd_cnt_told = p.counters.fwd_cnt;
+                let fwd_cnt = p.counters.fwd_cnt;
+                let mut h = self.header_to(hdr.dst_port, hdr.src_port, OP_CREDIT_UPDATE);
+                h.buf_alloc = CONN_BUF_ALLOC;
+                h.fwd_cnt = fwd_cnt;
+                Some(self.push_raw(h))
+            }
+            _ => {
+                warn_limited!(
+                    "vsock: operation {} on carried connection {}: reset",
+                    hdr.op,
+                    hdr.dst_port
+                );
+                self.parked.remove(&hdr.dst_port);
+                None
+            }
+        }
+    }
+
+    /// A connection-less packet from host port `local` to guest port `peer`.
+    fn header_to(&self, local: u32, peer: u32, op: u16) -> VsockHeader {
+        VsockHeader {
             src_cid: HOST_CID,
             dst_cid: self.guest_cid,
-            src_port: hdr.dst_port,
-            dst_port: hdr.src_port,
+            src_port: local,
+            dst_port: peer,
             len: 0,
             type_: TYPE_STREAM,
-            op: OP_RST,
+            op,
             flags: 0,
             buf_alloc: 0,
             fwd_cnt: 0,
-        }));
+        }
+    }
+
+    fn push_raw(&mut self, h: VsockHeader) -> Result<(), Refusal> {
+        if self.raw_count >= MAX_RAW_PACKETS {
+            warn_limited!("vsock: too many queued control packets, dropping one");
+            return Err(Refusal::ResetQueueFull(h.dst_port));
+        }
+        self.raw_count += 1;
+        self.rxq.push_back(RxItem::Raw(h));
         Ok(())
+    }
+
+    fn push_rst_reply(&mut self, hdr: &VsockHeader) -> Result<(), Refusal> {
+        self.push_raw(self.header_to(hdr.dst_port, hdr.src_port, OP_RST))
     }
 
     /// Handles a validated packet from the guest (CIDs and type already
@@ -336,6 +492,9 @@ impl Muxer {
             .get(&port)
             .is_some_and(|c| c.peer_port == hdr.src_port && c.state != State::AwaitConnectLine);
         if !known {
+            if let Some(done) = self.parked_packet(hdr) {
+                return done;
+            }
             // A reset answers everything but a reset. Guest-initiated
             // connection requests are not supported (yet): the guest's
             // connect() fails with ECONNRESET. Other known operations are
@@ -411,6 +570,7 @@ impl Muxer {
         for (_, mut conn) in self.conns.drain() {
             conn.deregister(&self.epoll);
         }
+        self.parked.clear();
         self.rxq.clear();
         self.raw_count = 0;
         self.resume_listener();

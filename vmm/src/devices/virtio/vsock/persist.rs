@@ -2,18 +2,26 @@
 //! [`Persist`].
 //!
 //! It owns the vsock model's saved state: the guest's CID, which the guest
-//! reads from the config space and keeps using after a restore. Host
-//! connections are not saved: a restored device tells the guest its
-//! transport was reset ([`crate::devices::virtio::VirtioDevice::restored`]).
+//! reads from the config space and keeps using after a restore, and the
+//! host connections the guest knows of ([`SavedConnection`]). An idle,
+//! established one is *carried*: its credit counters are saved, and a
+//! clone continues it as a live connection that the first host
+//! `CONNECT` to its guest port takes over, with no request to the guest
+//! (the guest's socket, frozen in its memory, never noticed anything).
+//! Every other one is reset in the clone, one by one. With
+//! `--vsock-reset` (or a state that lists no connections, from an older
+//! VMM) a restored device instead tells the guest its whole transport was
+//! reset ([`crate::devices::virtio::VirtioDevice::restored`]).
 //! The queues and features are the transport's
 //! (`devices/virtio/persist.rs`). It must not trust the state: a reserved
-//! or out-of-range CID is refused.
+//! or out-of-range CID, too many connections or a port listed twice are
+//! refused.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::Vsock;
+use super::{Vsock, MAX_CONNECTIONS};
 use crate::devices::virtio::Error;
 use crate::persist::{check_version, Persist, VersionError};
 
@@ -27,6 +35,42 @@ pub struct VsockState {
     pub version: u32,
     /// The guest's context id.
     pub guest_cid: u64,
+    /// The host connections the guest knew of at the save (`None`: a
+    /// state from a VMM that did not list them; its clones reset the
+    /// transport). An older VMM ignores the field and resets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Vec<SavedConnection>>,
+}
+
+/// A host connection at the save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConnection {
+    /// Its host-side port.
+    pub local_port: u32,
+    /// Its guest-side port.
+    pub peer_port: u32,
+    /// What a clone continues it from (`None`: it was not idle, or
+    /// another connection to the same guest port was carried; a clone
+    /// resets it).
+    pub carried: Option<CarriedCounters>,
+}
+
+/// The credit accounting of a carried connection (virtio-vsock 5.10.6.3),
+/// exactly as the guest's frozen socket expects it to continue. All guest
+/// data it sent had been written to the host, so bytes received and
+/// forwarded are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CarriedCounters {
+    /// Guest payload bytes received and forwarded to the host.
+    pub fwd_cnt: u32,
+    /// `fwd_cnt` as last told to the guest.
+    pub fwd_cnt_told: u32,
+    /// Payload bytes sent to the guest.
+    pub rx_cnt: u32,
+    /// The guest's receive buffer size, as it last said.
+    pub peer_buf_alloc: u32,
+    /// Bytes the guest had consumed, as it last said.
+    pub peer_fwd_cnt: u32,
 }
 
 /// What a restored vsock needs besides its state.
@@ -34,6 +78,9 @@ pub struct VsockState {
 pub struct VsockConstructorArgs {
     /// This VM's host-side Unix socket (it must not exist yet).
     pub uds_path: PathBuf,
+    /// Reset the transport instead of carrying connections
+    /// (`--vsock-reset`).
+    pub reset: bool,
 }
 
 /// Why a vsock state cannot be restored.
@@ -45,6 +92,12 @@ pub enum VsockRestoreError {
     /// A CID the device refuses, or a socket it cannot bind.
     #[error("cannot rebuild the vsock device")]
     Device(#[source] Error),
+    /// More connections than a device holds.
+    #[error("the state lists {0} connections, a device holds at most {MAX_CONNECTIONS}")]
+    TooManyConnections(usize),
+    /// Two connections with one host port.
+    #[error("the state lists host port {0} twice")]
+    DuplicatePort(u32),
 }
 
 impl Persist for Vsock {
@@ -56,13 +109,30 @@ impl Persist for Vsock {
         VsockState {
             version: VSOCK_STATE_VERSION,
             guest_cid: self.guest_cid(),
+            connections: Some(self.muxer.saved_connections()),
         }
     }
 
     fn restore(args: VsockConstructorArgs, state: &VsockState) -> Result<Self, Self::Error> {
         check_version("vsock", state.version, VSOCK_STATE_VERSION)?;
+        if let Some(conns) = &state.connections {
+            if conns.len() > MAX_CONNECTIONS {
+                return Err(VsockRestoreError::TooManyConnections(conns.len()));
+            }
+            let mut ports = std::collections::HashSet::new();
+            if let Some(c) = conns.iter().find(|c| !ports.insert(c.local_port)) {
+                return Err(VsockRestoreError::DuplicatePort(c.local_port));
+            }
+        }
         // `new` checks the CID's range.
-        Vsock::new(state.guest_cid, &args.uds_path).map_err(VsockRestoreError::Device)
+        let mut dev =
+            Vsock::new(state.guest_cid, &args.uds_path).map_err(VsockRestoreError::Device)?;
+        dev.saved = if args.reset {
+            None
+        } else {
+            state.connections.clone()
+        };
+        Ok(dev)
     }
 }
 
@@ -102,6 +172,7 @@ mod tests {
         let restored = Vsock::restore(
             VsockConstructorArgs {
                 uds_path: uds_path.clone(),
+                reset: false,
             },
             &back,
         )
@@ -123,6 +194,7 @@ mod tests {
             };
             let args = VsockConstructorArgs {
                 uds_path: sock_path("c"),
+                reset: false,
             };
             let e = Vsock::restore(args, &bad).unwrap_err();
             assert!(
@@ -136,6 +208,7 @@ mod tests {
         };
         let args = VsockConstructorArgs {
             uds_path: sock_path("d"),
+            reset: false,
         };
         let e = Vsock::restore(args, &newer).unwrap_err();
         assert_eq!(e.to_string(), "vsock state version 2, this VMM reads 1");
@@ -156,12 +229,15 @@ mod tests {
         let saved = t.save();
         let json = serde_json::to_string(&saved).unwrap();
         assert!(
-            json.starts_with(r#"{"model":{"kind":"vsock","version":1,"guest_cid":77}"#),
+            json.starts_with(
+                r#"{"model":{"kind":"vsock","version":1,"guest_cid":77,"connections":[]}"#
+            ),
             "{json}"
         );
         let back: VirtioDeviceState = serde_json::from_str(&json).unwrap();
         let args = MmioConstructorArgs {
             mem: m,
+            vsock_reset: false,
             vsock_uds: Some(sock_path("f")),
             net_tap: None,
         };

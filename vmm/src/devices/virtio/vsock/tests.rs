@@ -15,12 +15,14 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::packet::*;
+use super::persist::{SavedConnection, VsockConstructorArgs, VsockState};
 use super::*;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{desc, mem, Buf, DriverQueue, DESC_NEXT};
 use crate::devices::virtio::{
     STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
+use crate::persist::Persist;
 
 const GUEST_CID: u64 = 3;
 const RXQ_ADDR: u64 = 0x1_0000;
@@ -1334,4 +1336,243 @@ fn restore_tells_the_guest_its_transport_was_reset() {
     // Without an event buffer, nothing breaks.
     b.dev.restored();
     assert!(g.ev.pop_used().is_none());
+}
+
+/// The device's queues as they are (what the transport saves).
+fn queues_of(dev: &Vsock) -> Vec<Queue> {
+    dev.queues()
+        .iter()
+        .map(|q| Queue::try_from(q.state()).unwrap())
+        .collect()
+}
+
+/// Reads the `OK <port>[ carried]` line a host stream gets.
+fn ok_line(b: &mut dyn Backend, s: &mut UnixStream) -> String {
+    let start = Instant::now();
+    while !poll_in(s.as_raw_fd(), 0) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no answer");
+        b.pump(10);
+    }
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        s.read_exact(&mut b).unwrap();
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// Host and guest exchange `to_guest` and `to_host` on an established
+/// connection; the guest model's counters follow.
+fn exchange(
+    b: &mut dyn Backend,
+    g: &mut Guest,
+    s: &mut UnixStream,
+    c: &mut GuestConn,
+    to_guest: &[u8],
+    to_host: &[u8],
+) -> VsockHeader {
+    s.write_all(to_guest).unwrap();
+    let (h, data) = wait_one(b, g);
+    assert_eq!((h.op, h.src_port, h.dst_port), (OP_RW, c.host_port, c.port));
+    assert_eq!(data, to_guest);
+    c.update_credit(&h);
+    c.fwd_cnt = c.fwd_cnt.wrapping_add(data.len() as u32);
+    let out = c.hdr(OP_RW, to_host.len());
+    c.tx_cnt = c.tx_cnt.wrapping_add(to_host.len() as u32);
+    g.send(b, &out, to_host);
+    let mut got = vec![0u8; to_host.len()];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, to_host);
+    h
+}
+
+#[test]
+fn an_idle_connection_is_carried_into_a_clone_and_the_rest_are_reset() {
+    let m = mem();
+    let mut g = Guest::new(&m, RxLayout::Split);
+    const EV_BUF: u64 = 0x3f_0000;
+    g.ev.add_chain(&[(EV_BUF, 8, true)]);
+    let master_path = sock_path("carry-master");
+    let mut a = direct(&m, &mut g, &master_path);
+    // An older connection to the agent's port, the newest one (idle after
+    // an exchange), and one the guest half-closed.
+    let (_old_s, old) = handshake(&mut a, &mut g, &master_path, 1024);
+    let (mut s, mut c) = handshake(&mut a, &mut g, &master_path, 1024);
+    exchange(&mut a, &mut g, &mut s, &mut c, b"warm-up", b"done!");
+    let (_half_s, mut half) = handshake(&mut a, &mut g, &master_path, 7);
+    let shut = half.hdr(OP_SHUTDOWN, 0);
+    let mut shut = shut;
+    shut.flags = SHUTDOWN_SEND;
+    g.send(&mut a, &shut, &[]);
+    a.pump(20);
+
+    let saved = a.dev.save();
+    // The queues as the guest left them (the transport saves them).
+    let queues = queues_of(&a.dev);
+    let conns = saved.connections.clone().unwrap();
+    assert_eq!(conns.len(), 3, "{conns:?}");
+    let carried: Vec<_> = conns.iter().filter(|s| s.carried.is_some()).collect();
+    assert_eq!(carried.len(), 1, "{conns:?}");
+    assert_eq!(carried[0].local_port, c.host_port, "the newest is carried");
+    let counters = carried[0].carried.unwrap();
+    assert_eq!(counters.fwd_cnt, 5, "the guest's 5 bytes were forwarded");
+    assert_eq!(counters.rx_cnt, 7, "7 bytes went to the guest");
+    drop(a);
+
+    // The clone: same guest memory and queues, a new device.
+    let clone_path = sock_path("carry-clone");
+    let args = VsockConstructorArgs {
+        uds_path: clone_path.clone(),
+        reset: false,
+    };
+    let mut dev = Vsock::restore(args, &saved).unwrap();
+    dev.activate(m.clone(), queues, Interrupt::new().unwrap())
+        .unwrap();
+    let mut b = Direct { dev };
+    b.dev.restored();
+    assert!(g.ev.pop_used().is_none(), "no transport reset");
+    // The two others get a reset each.
+    let mut resets: Vec<(u32, u32)> = wait_packets(&mut b, &mut g)
+        .into_iter()
+        .map(|(h, _)| {
+            assert_eq!(h.op, OP_RST);
+            (h.src_port, h.dst_port)
+        })
+        .collect();
+    resets.sort();
+    let mut want = vec![(old.host_port, 1024), (half.host_port, 7)];
+    want.sort();
+    assert_eq!(resets, want);
+
+    // The first host connection to port 1024 takes the carried one over:
+    // no request reaches the guest, and the data continues the counters.
+    let mut s2 = UnixStream::connect(&clone_path).unwrap();
+    s2.write_all(b"CONNECT 1024\n").unwrap();
+    assert_eq!(
+        ok_line(&mut b, &mut s2),
+        format!("OK {} carried\n", c.host_port)
+    );
+    for _ in 0..3 {
+        b.pump(10);
+        assert!(g.recv(&mut b).is_empty(), "nothing went to the guest");
+    }
+    let h = exchange(&mut b, &mut g, &mut s2, &mut c, b"identity", b"set");
+    assert_eq!(h.fwd_cnt, 5, "the host's count of guest bytes goes on");
+    exchange(&mut b, &mut g, &mut s2, &mut c, b"ping", b"pong");
+
+    // A second connection to the same port is a new one.
+    let (_s3, c3) = handshake(&mut b, &mut g, &clone_path, 1024);
+    assert_ne!(c3.host_port, c.host_port);
+
+    let mut phases = Vec::new();
+    b.dev.take_phases(&mut phases);
+    let steps: Vec<DevicePhase> = phases
+        .iter()
+        .map(|&(p, _)| p)
+        .filter(|p| *p != DevicePhase::IrqRaised)
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            DevicePhase::StaleConnectionsReset,
+            DevicePhase::ConnectionCarried,
+            DevicePhase::FirstRx,
+            DevicePhase::FirstTx
+        ]
+    );
+    assert!(phases.windows(2).all(|w| w[0].1 <= w[1].1), "in time order");
+}
+
+#[test]
+fn a_carried_connection_the_guest_touches_before_the_host_is_reset() {
+    let m = mem();
+    let mut g = Guest::new(&m, RxLayout::Split);
+    let master_path = sock_path("carry-touch-master");
+    let mut a = direct(&m, &mut g, &master_path);
+    let (_s, mut c) = handshake(&mut a, &mut g, &master_path, 1024);
+    let saved = a.dev.save();
+    let queues = queues_of(&a.dev);
+    drop(a);
+
+    let clone_path = sock_path("carry-touch-clone");
+    let args = VsockConstructorArgs {
+        uds_path: clone_path.clone(),
+        reset: false,
+    };
+    let mut dev = Vsock::restore(args, &saved).unwrap();
+    dev.activate(m.clone(), queues, Interrupt::new().unwrap())
+        .unwrap();
+    let mut b = Direct { dev };
+    b.dev.restored();
+    // Credit bookkeeping is fine while parked: a credit request is
+    // answered.
+    let req = c.hdr(OP_CREDIT_REQUEST, 0);
+    g.send(&mut b, &req, &[]);
+    let (h, _) = wait_one(&mut b, &mut g);
+    assert_eq!((h.op, h.src_port), (OP_CREDIT_UPDATE, c.host_port));
+    assert_eq!(h.buf_alloc, CONN_BUF_ALLOC);
+    // Data nobody asked for ends the carriage with a reset.
+    let data = c.hdr(OP_RW, 3);
+    g.send(&mut b, &data, b"abc");
+    let (h, _) = wait_one(&mut b, &mut g);
+    assert_eq!((h.op, h.dst_port), (OP_RST, 1024));
+    // The host then gets a new connection.
+    let (_s2, c2) = handshake(&mut b, &mut g, &clone_path, 1024);
+    assert_ne!(c2.host_port, c.host_port);
+}
+
+#[test]
+fn a_reset_restore_or_an_old_state_resets_the_transport() {
+    let m = mem();
+    for (reset, listed) in [(true, true), (false, false)] {
+        let mut g = Guest::new(&m, RxLayout::Split);
+        const EV_BUF: u64 = 0x3f_0000;
+        g.ev.add_chain(&[(EV_BUF, 8, true)]);
+        let master_path = sock_path("reset-master");
+        let mut a = direct(&m, &mut g, &master_path);
+        let (_s, _c) = handshake(&mut a, &mut g, &master_path, 1024);
+        let mut saved = a.dev.save();
+        drop(a);
+        if !listed {
+            saved.connections = None;
+        }
+        let args = VsockConstructorArgs {
+            uds_path: sock_path("reset-clone"),
+            reset,
+        };
+        let mut dev = Vsock::restore(args, &saved).unwrap();
+        dev.activate(m.clone(), g.queues(), Interrupt::new().unwrap())
+            .unwrap();
+        dev.restored();
+        assert!(g.ev.pop_used().is_some(), "a transport reset was posted");
+        let mut phases = Vec::new();
+        dev.take_phases(&mut phases);
+        assert_eq!(phases[0].0, DevicePhase::TransportResetPosted);
+    }
+}
+
+#[test]
+fn bad_connection_lists_are_refused() {
+    let saved = |conns: Vec<SavedConnection>| VsockState {
+        version: persist::VSOCK_STATE_VERSION,
+        guest_cid: 3,
+        connections: Some(conns),
+    };
+    let conn = |p| SavedConnection {
+        local_port: p,
+        peer_port: 1024,
+        carried: None,
+    };
+    let args = || VsockConstructorArgs {
+        uds_path: sock_path("bad-list"),
+        reset: false,
+    };
+    let e = Vsock::restore(args(), &saved(vec![conn(5), conn(5)])).unwrap_err();
+    assert_eq!(e.to_string(), "the state lists host port 5 twice");
+    let many = (0..=MAX_CONNECTIONS as u32).map(conn).collect();
+    let e = Vsock::restore(args(), &saved(many)).unwrap_err();
+    assert!(e.to_string().contains("at most 256"), "{e}");
 }
