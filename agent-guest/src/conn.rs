@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use proto::{
     frame_header, parse_frame, AgentFrame, ErrorCode, ExecRequest, ExitStatus, Frame, FrameKind,
-    HostFrame, Identity, ProtoError, Request, Response, HEADER_LEN, PROTOCOL_VERSION,
+    HostFrame, Identity, IdentityTimings, ProtoError, Request, Response, HEADER_LEN,
+    PROTOCOL_VERSION,
 };
 
 use crate::reaper::Reaper;
@@ -38,8 +39,9 @@ pub const DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Smallest read from the connection.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Applies a validated [`Identity`] to the system.
-pub type ApplyIdentity = dyn Fn(&Identity) -> Result<(), String> + Send + Sync;
+/// Applies a validated [`Identity`] to the system; says how long each
+/// part took.
+pub type ApplyIdentity = dyn Fn(&Identity) -> Result<IdentityTimings, String> + Send + Sync;
 
 /// What [`Agent::prepare_freeze`] is.
 pub type PrepareFreeze = dyn Fn() -> Result<u32, String> + Send + Sync;
@@ -154,7 +156,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
             return self.send_error(ErrorCode::InvalidRequest, message);
         }
         match (agent.apply_identity)(id) {
-            Ok(()) => self.send(Response::IdentitySet),
+            Ok(timings) => self.send(Response::IdentitySet { timings }),
             // A valid request the system refused (an ioctl, the clock).
             Err(message) => self.send_error(ErrorCode::Internal, message),
         }

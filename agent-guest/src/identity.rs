@@ -4,7 +4,7 @@
 
 use std::io;
 
-use proto::{Identity, IDENTITY_ENTROPY_BYTES};
+use proto::{Identity, IdentityTimings, IDENTITY_ENTROPY_BYTES};
 
 use crate::sys::cvt;
 
@@ -64,16 +64,26 @@ pub fn rand_pool_info(entropy: &[u8]) -> Vec<u8> {
 }
 
 /// Applies a validated identity to this (guest) system. PID 1 only.
-pub fn apply(id: &Identity) -> Result<(), String> {
-    let step = |what: &str, r: io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
-    step("add entropy", add_entropy(&id.entropy))?;
-    step("set hostname", set_hostname(&id.hostname))?;
-    step("set wall clock", set_clock(id.wall_clock_ns))?;
-    step("write VM id", write_id(&id.vm_id))?;
+pub fn apply(id: &Identity) -> Result<IdentityTimings, String> {
+    // Timed with the vDSO's clock: no syscall.
+    let timed = |what: &str, r: &mut dyn FnMut() -> io::Result<()>| {
+        let t = std::time::Instant::now();
+        r().map_err(|e| format!("{what}: {e}"))?;
+        Ok::<u32, String>(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+    };
+    let mut t = IdentityTimings {
+        entropy_us: timed("add entropy", &mut || add_entropy(&id.entropy))?,
+        hostname_us: timed("set hostname", &mut || set_hostname(&id.hostname))?,
+        clock_us: timed("set wall clock", &mut || set_clock(id.wall_clock_ns))?,
+        id_file_us: timed("write VM id", &mut || write_id(&id.vm_id))?,
+        net_us: 0,
+    };
     if let Some(net) = &id.net {
+        let start = std::time::Instant::now();
         crate::net::apply(net).map_err(|e| format!("network {}: {e}", net.interface))?;
+        t.net_us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
     }
-    Ok(())
+    Ok(t)
 }
 
 fn add_entropy(entropy: &[u8]) -> io::Result<()> {

@@ -26,7 +26,10 @@ fn agent() -> &'static Agent {
         }),
         apply_identity: Box::new(|id| {
             IDENTITIES.lock().unwrap().push(id.hostname.clone());
-            Ok(())
+            Ok(proto::IdentityTimings {
+                hostname_us: 7,
+                ..Default::default()
+            })
         }),
         prepare_freeze: Box::new(|| Ok(3)),
         // The real server, on the loopback only.
@@ -529,7 +532,11 @@ fn identity_is_validated_then_applied() {
         net: None,
     };
     h.request(Request::Identity(id.clone()));
-    assert_eq!(h.recv_response(), Response::IdentitySet);
+    let timings = proto::IdentityTimings {
+        hostname_us: 7,
+        ..Default::default()
+    };
+    assert_eq!(h.recv_response(), Response::IdentitySet { timings });
     assert!(IDENTITIES.lock().unwrap().contains(&"clone-7".to_string()));
     // Too little entropy: refused, nothing applied, the connection goes on.
     h.request(Request::Identity(proto::Identity {

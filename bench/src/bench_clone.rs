@@ -267,6 +267,9 @@ pub struct StepsMs {
     pub irqs: u32,
     /// Interrupts raised again by the watchdog.
     pub irqs_reraised: u32,
+    /// How long the guest took for each part of the identity (µs, the
+    /// guest's clock).
+    pub identity: proto::IdentityTimings,
 }
 
 /// The cold boot of the master.
@@ -685,6 +688,7 @@ fn sample_of(s: &Started, start_call_ms: f64) -> CloneSample {
         first_tx_ms: at(v.first_tx_us),
         irqs: v.irqs,
         irqs_reraised: v.irqs_reraised,
+        identity: t.identity,
     };
     CloneSample {
         steps,
@@ -1589,11 +1593,30 @@ fn steps_json(clones: &[CloneSample]) -> serde_json::Value {
         "first_rx_ms": s(|t| t.first_rx_ms),
         "first_tx_ms": s(|t| t.first_tx_ms),
         "irqs": s(|t| Some(f64::from(t.irqs))),
+        "identity_parts_ms": identity_parts()
+            .into_iter()
+            .map(|(name, f)| (name.to_string(), serde_json::json!(s(f))))
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
     })
 }
 
 /// One of a clone's vsock steps.
 type StepOf = fn(&StepsMs) -> Option<f64>;
+
+/// The parts of the identity the agent times, ms (`None` when it did not
+/// say, e.g. no network).
+fn identity_parts() -> [(&'static str, StepOf); 5] {
+    fn ms(us: u32) -> Option<f64> {
+        (us > 0).then(|| f64::from(us) / 1000.0)
+    }
+    [
+        ("entropy + CRNG reseed", |t| ms(t.identity.entropy_us)),
+        ("hostname", |t| ms(t.identity.hostname_us)),
+        ("wall clock", |t| ms(t.identity.clock_us)),
+        ("id file", |t| ms(t.identity.id_file_us)),
+        ("network", |t| ms(t.identity.net_us)),
+    ]
+}
 
 /// How many of `clones` have step `f`, and its summary.
 fn cl_steps(clones: &[CloneSample], f: StepOf) -> (usize, Option<Summary>) {
@@ -1922,6 +1945,18 @@ impl CloneReport {
                 row(&mut t, name, k, s);
             }
         }
+        // And what the guest spent applying the identity (durations).
+        for (name, f) in identity_parts() {
+            let (k, s) = cl_steps(&self.clones, f);
+            if k > 0 {
+                row(
+                    &mut t,
+                    &format!("  guest, identity: {name} (duration)"),
+                    k,
+                    s,
+                );
+            }
+        }
         if let Some(c) = &self.connection {
             let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
             row(
@@ -2155,6 +2190,10 @@ impl CloneReport {
                 b.wall_ms
             ));
         }
+        t.push_str(&format!(
+            "vsock interrupts raised again by the lost-interrupt watchdog: {}\n",
+            self.interrupts_reraised()
+        ));
         if let Some(i) = &self.idle {
             let mm = &i.memory;
             t.push_str(&format!(
@@ -2293,6 +2332,10 @@ mod tests {
                 first_tx_ms: Some(ready - 2.0),
                 irqs: 2,
                 irqs_reraised: 1,
+                identity: proto::IdentityTimings {
+                    net_us: 3000,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         }
@@ -2473,6 +2516,9 @@ mod tests {
         assert_eq!(j["interrupts_reraised"], 10, "one per clone sample");
         assert_eq!(j["clone_steps_ms"]["carried_ms"]["p50"], 6.0);
         assert!(j["clone_steps_ms"]["requested_ms"].is_null());
+        let parts = &j["clone_steps_ms"]["identity_parts_ms"];
+        assert_eq!(parts["network"]["p50"], 3.0);
+        assert!(parts["wall clock"].is_null(), "not reported: {parts}");
     }
 
     #[test]
@@ -2518,6 +2564,7 @@ mod tests {
         assert!(line("ratio clone -> vCPUs running / qemu").ends_with("0.0500"));
         assert!(line("clones/s, 8 at once").contains("50.0"));
         assert!(line("idle clone CPU").contains("0.10%"));
+        assert!(line("vsock interrupts raised again").ends_with(": 10"));
         assert!(line("clone: spawn -> ping answered (carried connection)").contains("20.0"));
         assert!(line("  vsock: carried connection taken over").contains("6.0"));
         assert!(line("  transport reset: -> ping answered").contains("30.0"));

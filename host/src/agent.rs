@@ -63,6 +63,8 @@ pub struct AgentClient {
     /// Whether the connection was carried from the master's snapshot (no
     /// hello on it).
     pub carried: bool,
+    /// How long the guest took for the parts of the last identity it set.
+    pub identity_timings: Option<proto::IdentityTimings>,
 }
 
 impl AgentClient {
@@ -84,6 +86,7 @@ impl AgentClient {
             stream,
             agent_version: String::new(),
             carried: true,
+            identity_timings: None,
         }
     }
 
@@ -125,7 +128,9 @@ impl AgentClient {
             (Self::over(stream)?, now_us())
         };
         match client.next()? {
-            AgentFrame::Response(Response::IdentitySet) => {}
+            AgentFrame::Response(Response::IdentitySet { timings }) => {
+                client.identity_timings = Some(timings)
+            }
             AgentFrame::Response(Response::Error { code, message }) => {
                 return Err(AgentError::Remote { code, message })
             }
@@ -165,6 +170,7 @@ impl AgentClient {
                     stream,
                     agent_version,
                     carried: false,
+                    identity_timings: None,
                 })
             }
             Some(other) => Err(AgentError::Unexpected(format!(
@@ -285,7 +291,10 @@ impl AgentClient {
     pub fn set_identity(&mut self, identity: Identity) -> Result<(), AgentError> {
         self.send(Request::Identity(identity))?;
         match self.next()? {
-            AgentFrame::Response(Response::IdentitySet) => Ok(()),
+            AgentFrame::Response(Response::IdentitySet { timings }) => {
+                self.identity_timings = Some(timings);
+                Ok(())
+            }
             AgentFrame::Response(Response::Error { code, message }) => {
                 Err(AgentError::Remote { code, message })
             }

@@ -330,6 +330,7 @@ pub fn handshake(s: Spawned, timeout: Duration) -> Result<Started, CloneError> {
     vmm.timeline.connected_us = Some(connected_us);
     vmm.timeline.identity_us = Some(identity_us);
     vmm.timeline.ping_us = Some(ping_us);
+    vmm.timeline.identity = agent.identity_timings.unwrap_or_default();
     Ok(Started {
         id,
         vmm,

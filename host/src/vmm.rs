@@ -147,6 +147,8 @@ pub struct Timeline {
     pub ping_us: Option<u64>,
     /// The vsock device's steps on the way there (restored VMs).
     pub vsock: VsockSteps,
+    /// How long the guest took for each part of its identity (clones).
+    pub identity: proto::IdentityTimings,
 }
 
 /// When a restored VM's vsock device took each step to its first answer

@@ -429,6 +429,22 @@ impl ExecRequest {
     }
 }
 
+/// How long the guest took for each part of an [`Identity`], in µs of its
+/// own monotonic clock: where a clone's time to its first answer goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityTimings {
+    /// Entropy added and the CRNG reseeded.
+    pub entropy_us: u32,
+    /// Hostname set.
+    pub hostname_us: u32,
+    /// Wall clock set.
+    pub clock_us: u32,
+    /// `/run/zygote/id` written.
+    pub id_file_us: u32,
+    /// Network identity (MAC, address, route) applied; 0 without one.
+    pub net_us: u32,
+}
+
 /// A control message from the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -463,7 +479,12 @@ pub enum Response {
     /// Answer to [`Request::Shutdown`]; the guest powers off next.
     ShuttingDown,
     /// Answer to [`Request::Identity`]: every part was applied.
-    IdentitySet,
+    IdentitySet {
+        /// How long each part took the guest (zeros from an agent that
+        /// does not say).
+        #[serde(default)]
+        timings: IdentityTimings,
+    },
     /// Answer to [`Request::PrepareFreeze`]: the guest may be frozen.
     FreezeReady {
         /// TCP connections aborted.
@@ -602,7 +623,18 @@ mod tests {
             Response::FreezeReady {
                 connections_aborted: 2,
             },
-            Response::IdentitySet,
+            Response::IdentitySet {
+                timings: IdentityTimings::default(),
+            },
+            Response::IdentitySet {
+                timings: IdentityTimings {
+                    entropy_us: 1,
+                    hostname_us: 2,
+                    clock_us: 3,
+                    id_file_us: 4,
+                    net_us: 5,
+                },
+            },
             Response::NetTestListening { port: 5201 },
         ] {
             agent_round_trip(AgentFrame::Response(resp));

@@ -30,7 +30,7 @@ fn agent() -> Agent {
         base_env: Vec::new(),
         reaper: None,
         shutdown: Box::new(|| {}),
-        apply_identity: Box::new(|_| Ok(())),
+        apply_identity: Box::new(|_| Ok(Default::default())),
         prepare_freeze: Box::new(|| Ok(0)),
         // Port 1 stands for one that is taken.
         start_net_test: Box::new(|port| match port {
@@ -281,7 +281,7 @@ proptest! {
             .map(|f| match f {
                 AgentFrame::Response(Response::Pong { .. }) => Answer::Pong,
                 AgentFrame::Response(Response::Error { .. }) => Answer::Error,
-                AgentFrame::Response(Response::IdentitySet) => Answer::IdentitySet,
+                AgentFrame::Response(Response::IdentitySet { .. }) => Answer::IdentitySet,
                 AgentFrame::Response(Response::FreezeReady { .. }) => Answer::FreezeReady,
                 AgentFrame::Response(Response::NetTestListening { port }) => {
                     Answer::NetTestListening(port)

@@ -8,11 +8,19 @@
 //!
 //! Not supported (yet): guest-initiated connections (a guest `OP_REQUEST` is answered with
 //! `OP_RST`, so `connect()` in the guest fails) and `SEQPACKET` sockets (the feature is not
-//! offered). The event queue carries one event: `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` after a
-//! snapshot restore; new host connections wait until the guest has handled it (it hands the
-//! event buffer back, which notifies the event queue) or [`RESET_GRACE`] passed.
+//! offered).
 //!
-//! The device's snapshot state (its guest CID) is in [`persist`]. It must not trust a packet
+//! After a snapshot restore the master's idle connections are carried: the first host
+//! `CONNECT` to such a connection's guest port takes it over, answered `OK <host port>
+//! carried\n` with no packet to the guest, and the master's other connections are reset one by
+//! one (see [`persist`]). With `--vsock-reset`, or a snapshot that does not list its
+//! connections, the event queue instead carries its one event,
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`; new host connections then wait until the guest has
+//! handled it (it hands the event buffer back, which notifies the event queue) or
+//! [`RESET_GRACE`] passed. The steps of a restored device to its first guest data are recorded
+//! for the events stream ([`VirtioDevice::take_phases`]).
+//!
+//! The device's snapshot state (its guest CID and connections) is in [`persist`]. It must not trust a packet
 //! the guest sends: lengths, CIDs and the socket type are checked before anything is copied.
 //! Whatever it refuses from the guest (malformed chains and headers, protocol violations,
 //! corrupted rings) is counted ([`VirtioDevice::rejected`]).
