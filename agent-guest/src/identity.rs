@@ -76,12 +76,14 @@ pub fn apply(id: &Identity) -> Result<IdentityTimings, String> {
         hostname_us: timed("set hostname", &mut || set_hostname(&id.hostname))?,
         clock_us: timed("set wall clock", &mut || set_clock(id.wall_clock_ns))?,
         id_file_us: timed("write VM id", &mut || write_id(&id.vm_id))?,
-        net_us: 0,
+        ..Default::default()
     };
     if let Some(net) = &id.net {
         let start = std::time::Instant::now();
-        crate::net::apply(net).map_err(|e| format!("network {}: {e}", net.interface))?;
+        let [mac, addr, route] =
+            crate::net::apply(net).map_err(|e| format!("network {}: {e}", net.interface))?;
         t.net_us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        (t.net_mac_us, t.net_addr_us, t.net_route_us) = (mac, addr, route);
     }
     Ok(t)
 }
@@ -115,9 +117,35 @@ fn set_clock(ns: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// [`ID_FILE`], open since the first identity (the master's): a clone
+/// rewrites it in place, with no path lookup, no new file and no freed
+/// page (each is emulated guest kernel work on some hosts).
+static ID: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
 fn write_id(id: &str) -> io::Result<()> {
-    std::fs::create_dir_all("/run/zygote")?;
-    std::fs::write(ID_FILE, format!("{id}\n"))
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let mut open = ID.lock().unwrap_or_else(|p| p.into_inner());
+    // Removed by someone in the guest: made anew.
+    if let Some(f) = open.as_ref() {
+        if f.metadata()?.nlink() == 0 {
+            *open = None;
+        }
+    }
+    let f = match open.as_mut() {
+        Some(f) => f,
+        None => {
+            std::fs::create_dir_all("/run/zygote")?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(ID_FILE)?;
+            open.insert(f)
+        }
+    };
+    let line = format!("{id}\n");
+    f.write_all_at(line.as_bytes(), 0)?;
+    f.set_len(line.len() as u64)
 }
 
 #[cfg(test)]

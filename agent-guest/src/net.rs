@@ -74,9 +74,16 @@ fn netmask(prefix_len: u8) -> u32 {
 /// The identity last applied (what a master's freeze takes back).
 static APPLIED: std::sync::Mutex<Option<NetIdentity>> = std::sync::Mutex::new(None);
 
+/// µs since `t`, for [`proto::IdentityTimings`].
+fn us_since(t: std::time::Instant) -> u32 {
+    t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
+}
+
 /// Applies a validated network identity. PID 1 (or `CAP_NET_ADMIN`) only.
-pub fn apply(n: &NetIdentity) -> Result<(), String> {
+/// Returns how long the MAC, the address and the route took (µs).
+pub fn apply(n: &NetIdentity) -> Result<[u32; 3], String> {
     let step = |what: &str, r: io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
+    let t = std::time::Instant::now();
     let sock = socket()?;
     let s = Sock(&sock, &n.interface);
 
@@ -95,6 +102,8 @@ pub fn apply(n: &NetIdentity) -> Result<(), String> {
         }
         Err(e) => return Err(format!("set the MAC address: {e}")),
     }
+    let mac_us = us_since(t);
+    let t = std::time::Instant::now();
     // A master's freeze removed its address; an interface that still has
     // one (an identity applied twice, a master frozen by an older host)
     // loses it first, and with it the routes and neighbours it had.
@@ -110,9 +119,12 @@ pub fn apply(n: &NetIdentity) -> Result<(), String> {
     if flags & IFF_UP == 0 {
         step("bring the interface up", s.set_flags(flags | IFF_UP))?;
     }
+    let addr_us = us_since(t);
+    let t = std::time::Instant::now();
     step("add the default route", s.add_default_route(n.gateway))?;
+    let route_us = us_since(t);
     *APPLIED.lock().unwrap_or_else(|p| p.into_inner()) = Some(n.clone());
-    Ok(())
+    Ok([mac_us, addr_us, route_us])
 }
 
 /// What a master drops right before it is frozen, so that no clone

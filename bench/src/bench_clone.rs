@@ -159,6 +159,21 @@ pub struct CloneBenchOptions {
     pub compare_connection: bool,
 }
 
+/// Clones of the master whose memory file was dropped from the page cache
+/// right before (what a host sees after a restart), and clones with it in
+/// the cache, in turn.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ColdCache {
+    /// KiB of the memory file allocated (what the master touched).
+    pub file_allocated_kib: u64,
+    /// KiB of it still in the page cache after each drop.
+    pub resident_kib_after_drop: Vec<u64>,
+    /// Clones started right after the drop.
+    pub cold: Vec<CloneSample>,
+    /// Clones started with the file in the cache.
+    pub warm: Vec<CloneSample>,
+}
+
 /// Clones of the same master started in turn taking over the carried
 /// agent connection and resetting the transport (`--compare-connection`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -448,6 +463,8 @@ pub struct CloneReport {
     pub vsock_reset: bool,
     /// `--compare-connection`.
     pub connection: Option<ConnectionComparison>,
+    /// Clones of a master whose memory file is not in the page cache.
+    pub cold_cache: Option<ColdCache>,
     /// Optional parts that failed (the rest was measured).
     pub errors: Vec<String>,
 }
@@ -574,6 +591,54 @@ pub fn memory_of(pid: u32, guest_ram: &str) -> Option<MemoryBreakdown> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let inode = std::fs::metadata(guest_ram).ok().map(|m| m.ino());
     Some(parse_smaps(&text, guest_ram, inode))
+}
+
+/// KiB of the file at `path` in the page cache (`mincore` of a read-only
+/// mapping of it).
+pub fn resident_kib(path: &str) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len() as usize;
+    if len == 0 {
+        return Some(0);
+    }
+    // SAFETY: a fresh shared read-only mapping of a file this function
+    // holds open; only `mincore` looks at it, and it is unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return None;
+    }
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `addr..addr+len` is the mapping made above and `vec` has one
+    // byte per page of it.
+    let r = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+    (r == 0).then(|| vec.iter().filter(|b| **b & 1 != 0).count() as u64 * 4)
+}
+
+/// Drops the file at `path` from the page cache, as a host restart would
+/// (its pages are clean: the master is frozen and its file synced; pages
+/// a live clone maps stay). Returns the KiB still resident.
+pub fn evict_from_page_cache(path: &str) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ok()?;
+    // SAFETY: an advice call on an fd this function holds open.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return None;
+    }
+    resident_kib(path)
 }
 
 // ---------------------------------------------------------------- signals
@@ -735,6 +800,39 @@ impl Ctx<'_> {
             net: Default::default(),
             vsock_reset: self.opts.vsock_reset,
         }
+    }
+
+    /// Up to 5 clones each right after the master's memory file was
+    /// dropped from the page cache, and as many with it cached, in turn.
+    fn cold_cache(&mut self, guest_ram: &str) -> Result<ColdCache, CloneBenchError> {
+        let mut c = ColdCache {
+            file_allocated_kib: std::fs::metadata(guest_ram)
+                .map(|m| m.blocks() * 512 / 1024)
+                .unwrap_or(0),
+            ..Default::default()
+        };
+        let n = self.opts.count.min(5);
+        for i in 0..n {
+            check_interrupted()?;
+            self.ws.kill_live();
+            let left = evict_from_page_cache(guest_ram).ok_or_else(|| {
+                CloneBenchError::Failed(format!("cannot drop {guest_ram} from the page cache"))
+            })?;
+            c.resident_kib_after_drop.push(left);
+            let cold = self.start_one(MASTER)?;
+            self.ws.kill_live();
+            let warm = self.start_one(MASTER)?;
+            self.ws.kill_live();
+            self.say(&format!(
+                "cold cache {}/{n}: {left} KiB left cached; ping answered +{:.1} ms cold, +{:.1} ms cached",
+                i + 1,
+                cold.ready_ms,
+                warm.ready_ms
+            ));
+            c.cold.push(cold);
+            c.warm.push(warm);
+        }
+        Ok(c)
     }
 
     /// `count` clones taking over the carried agent connection and as
@@ -1450,6 +1548,13 @@ pub fn bench_clone(
         }
     }
 
+    // 2''. After a host restart: the master's memory file not cached.
+    match ctx.cold_cache(&guest_ram) {
+        Ok(c) => report.cold_cache = Some(c),
+        Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+        Err(e) => report.errors.push(format!("cold cache: {e}")),
+    }
+
     // 2a. The same, with and without jail and network, in turn.
     match ctx.confinement() {
         Ok(c) => report.confinement = Some(c),
@@ -1605,7 +1710,7 @@ type StepOf = fn(&StepsMs) -> Option<f64>;
 
 /// The parts of the identity the agent times, ms (`None` when it did not
 /// say, e.g. no network).
-fn identity_parts() -> [(&'static str, StepOf); 5] {
+fn identity_parts() -> [(&'static str, StepOf); 8] {
     fn ms(us: u32) -> Option<f64> {
         (us > 0).then(|| f64::from(us) / 1000.0)
     }
@@ -1615,6 +1720,9 @@ fn identity_parts() -> [(&'static str, StepOf); 5] {
         ("wall clock", |t| ms(t.identity.clock_us)),
         ("id file", |t| ms(t.identity.id_file_us)),
         ("network", |t| ms(t.identity.net_us)),
+        ("network: MAC", |t| ms(t.identity.net_mac_us)),
+        ("network: address", |t| ms(t.identity.net_addr_us)),
+        ("network: default route", |t| ms(t.identity.net_route_us)),
     ]
 }
 
@@ -1752,6 +1860,13 @@ impl CloneReport {
             "ratio_carry_over_reset": self.ratio_carry_over_reset(),
             "interrupts_reraised": self.interrupts_reraised(),
             "clone_steps_ms": steps_json(&self.clones),
+            "clone_ready_ms_cold_cache": self.cold_cache.as_ref().and_then(|c| summary(c.cold.iter().map(|s| s.ready_ms))),
+            "clone_ready_ms_warm_cache": self.cold_cache.as_ref().and_then(|c| summary(c.warm.iter().map(|s| s.ready_ms))),
+            "clone_running_ms_cold_cache": self.cold_cache.as_ref().and_then(|c| summary(c.cold.iter().filter_map(|s| s.running_ms))),
+            "cold_cache": self.cold_cache.as_ref().map(|c| serde_json::json!({
+                "file_allocated_kib": c.file_allocated_kib,
+                "resident_kib_after_drop": c.resident_kib_after_drop,
+            })),
             "errors": self.errors,
         });
         if let Some(p) = &self.parallel {
@@ -1956,6 +2071,28 @@ impl CloneReport {
                     s,
                 );
             }
+        }
+        if let Some(c) = &self.cold_cache {
+            let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
+            let run = |v: &[CloneSample]| summary(v.iter().filter_map(|s| s.running_ms));
+            row(
+                &mut t,
+                "  memory file not cached: -> vCPUs running",
+                c.cold.len(),
+                run(&c.cold),
+            );
+            row(
+                &mut t,
+                "  memory file not cached: -> ping answered",
+                c.cold.len(),
+                ready(&c.cold),
+            );
+            row(
+                &mut t,
+                "  memory file cached (same turns): -> ping",
+                c.warm.len(),
+                ready(&c.warm),
+            );
         }
         if let Some(c) = &self.connection {
             let ready = |v: &[CloneSample]| summary(v.iter().map(|s| s.ready_ms));
@@ -2458,12 +2595,38 @@ mod tests {
                 kill_wall_ms: 500.0,
             }),
             vsock_reset: false,
+            cold_cache: Some(ColdCache {
+                file_allocated_kib: 25_000,
+                resident_kib_after_drop: vec![0],
+                cold: vec![clone(5.0, 60.0)],
+                warm: vec![clone(5.0, 20.0)],
+            }),
             connection: Some(ConnectionComparison {
                 carry: vec![clone(4.0, 10.0), clone(4.0, 12.0)],
                 reset: vec![clone(4.0, 30.0), clone(4.0, 40.0)],
             }),
             errors: vec![],
         }
+    }
+
+    #[test]
+    fn a_file_leaves_the_page_cache_and_comes_back() {
+        use std::io::{Read, Write};
+        let path = std::env::temp_dir().join(format!("zygote-cache-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let p = path.to_str().unwrap();
+        assert_eq!(resident_kib(p), Some(1024), "just written");
+        let left = evict_from_page_cache(p).unwrap();
+        assert!(left < 1024, "{left} KiB left");
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_to_end(&mut Vec::new())
+            .unwrap();
+        assert_eq!(resident_kib(p), Some(1024), "read back");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(resident_kib(p), None);
     }
 
     #[test]
@@ -2516,6 +2679,8 @@ mod tests {
         assert_eq!(j["interrupts_reraised"], 10, "one per clone sample");
         assert_eq!(j["clone_steps_ms"]["carried_ms"]["p50"], 6.0);
         assert!(j["clone_steps_ms"]["requested_ms"].is_null());
+        assert_eq!(j["clone_ready_ms_cold_cache"]["p50"], 60.0);
+        assert_eq!(j["clone_ready_ms_warm_cache"]["p50"], 20.0);
         let parts = &j["clone_steps_ms"]["identity_parts_ms"];
         assert_eq!(parts["network"]["p50"], 3.0);
         assert!(parts["wall clock"].is_null(), "not reported: {parts}");

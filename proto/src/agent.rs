@@ -443,6 +443,15 @@ pub struct IdentityTimings {
     pub id_file_us: u32,
     /// Network identity (MAC, address, route) applied; 0 without one.
     pub net_us: u32,
+    /// Of which: the MAC address set.
+    #[serde(default)]
+    pub net_mac_us: u32,
+    /// Of which: the address (and its subnet's route) added.
+    #[serde(default)]
+    pub net_addr_us: u32,
+    /// Of which: the default route added.
+    #[serde(default)]
+    pub net_route_us: u32,
 }
 
 /// A control message from the agent.
@@ -633,6 +642,9 @@ mod tests {
                     clock_us: 3,
                     id_file_us: 4,
                     net_us: 5,
+                    net_mac_us: 6,
+                    net_addr_us: 7,
+                    net_route_us: 8,
                 },
             },
             Response::NetTestListening { port: 5201 },
