@@ -160,6 +160,7 @@ impl Timeline {
             Event::AgentStart { t_us } => self.agent_start_us = Some(t_us),
             Event::AgentReady { t_us } => self.agent_ready_us = Some(t_us),
             Event::DeviceRejected { .. } => {}
+            Event::Wakeups { .. } => {}
             Event::Exit { .. } => {}
         }
     }

@@ -23,7 +23,7 @@
 use std::io;
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::EventSet;
@@ -152,6 +152,8 @@ struct InterruptInner {
     needs_reset: AtomicBool,
     config_generation: AtomicU32,
     evt: EventFd,
+    /// Interrupts raised since the device was created (wake-up accounting).
+    raised: AtomicU64,
 }
 
 /// Interrupt handle shared by a transport and its device.
@@ -175,12 +177,14 @@ impl Interrupt {
                 needs_reset: AtomicBool::new(false),
                 config_generation: AtomicU32::new(0),
                 evt,
+                raised: AtomicU64::new(0),
             }),
         })
     }
 
     fn trigger(&self, bit: u32) {
         self.inner.status.fetch_or(bit, Ordering::SeqCst);
+        self.inner.raised.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.inner.evt.write(1) {
             warn_limited!("failed to signal the interrupt eventfd: {e}");
         }
@@ -218,6 +222,11 @@ impl Interrupt {
     /// Clears the given interrupt status bits (`InterruptACK`).
     pub fn ack(&self, bits: u32) {
         self.inner.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Interrupts raised since this handle was created, re-raises included.
+    pub fn raised(&self) -> u64 {
+        self.inner.raised.load(Ordering::Relaxed)
     }
 
     /// Current configuration generation.
