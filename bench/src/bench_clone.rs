@@ -341,6 +341,136 @@ pub struct IdleResult {
     pub memory: MemoryBreakdown,
     /// RssAnon + RssFile + RssShmem from /proc/PID/status, at the end.
     pub status_rss: Option<(u64, u64, u64, u64)>,
+    /// What woke the clone over the window, per second.
+    pub wakeups: Option<IdleWakeups>,
+}
+
+/// What woke an idle clone, per second over the window: from two of its
+/// VMM's [`Event::Wakeups`](proto::events::Event::Wakeups), asked for at
+/// the window's start and end, and from the vCPU threads' voluntary
+/// context switches (`/proc/PID/task/TID/status`) as a host-side check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdleWakeups {
+    /// Seconds between the two counts.
+    pub window_s: f64,
+    /// Wake-ups of the guest: its halts, each ended by one (KVM's
+    /// `halt_exits`); the vCPU threads' voluntary context switches where
+    /// KVM keeps no statistics.
+    pub per_s: f64,
+    /// The same wake-ups by cause: `guest_timer` (interrupts KVM injected
+    /// that no device raised: the guest's own LAPIC timer),
+    /// `irq_<device>` (interrupts the VMM's devices raised),
+    /// `vmm_exit_<reason>` (exits to the VMM: MMIO, port I/O).
+    pub by_cause: std::collections::BTreeMap<String, f64>,
+    /// KVM woke a sleeping vCPU thread (`halt_wakeup`).
+    pub halt_wakeups_per_s: Option<f64>,
+    /// Exits of the guest to KVM, any reason.
+    pub kvm_exits_per_s: Option<f64>,
+    /// Voluntary context switches of the vCPU threads.
+    pub vcpu_switches_per_s: Option<f64>,
+}
+
+impl IdleWakeups {
+    /// Rates between two counts `dt_s` seconds apart; `switches` are the
+    /// vCPU threads' voluntary context switches at both ends.
+    fn between(
+        a: &proto::events::WakeupCounts,
+        b: &proto::events::WakeupCounts,
+        dt_s: f64,
+        switches: Option<(u64, u64)>,
+    ) -> Self {
+        let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt_s;
+        let opt = |x: Option<u64>, y: Option<u64>| Some(rate(x?, y?));
+        let mut by_cause = std::collections::BTreeMap::new();
+        let mut device_total = 0.0;
+        for (dev, &n) in &b.device_irqs {
+            let r = rate(a.device_irqs.get(dev).copied().unwrap_or(0), n);
+            device_total += r;
+            by_cause.insert(format!("irq_{dev}"), r);
+        }
+        if let Some(injected) = opt(a.irq_injections, b.irq_injections) {
+            by_cause.insert("guest_timer".into(), (injected - device_total).max(0.0));
+        }
+        for (reason, &n) in &b.vmm_exits {
+            let r = rate(a.vmm_exits.get(reason).copied().unwrap_or(0), n);
+            by_cause.insert(format!("vmm_exit_{reason}"), r);
+        }
+        let vcpu_switches_per_s = switches.map(|(x, y)| rate(x, y));
+        IdleWakeups {
+            window_s: dt_s,
+            per_s: opt(a.halts, b.halts)
+                .or(vcpu_switches_per_s)
+                .unwrap_or(f64::NAN),
+            by_cause,
+            halt_wakeups_per_s: opt(a.halt_wakeups, b.halt_wakeups),
+            kvm_exits_per_s: opt(a.kvm_exits, b.kvm_exits),
+            vcpu_switches_per_s,
+        }
+    }
+
+    /// `guest_timer 0.12, irq_rng 0.05, ...`: the non-zero causes, largest first.
+    fn causes_line(&self) -> String {
+        let mut c: Vec<(&String, &f64)> = self.by_cause.iter().filter(|(_, &v)| v > 0.0).collect();
+        c.sort_by(|x, y| y.1.total_cmp(x.1));
+        if c.is_empty() {
+            return "none".into();
+        }
+        c.iter()
+            .map(|(k, v)| format!("{k} {v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Asks the clone's VMM for its wake-up counts (through its pidfd) and
+/// waits up to 2 s for the answer in its events file.
+fn wakeup_counts(vmm: &host::vmm::VmmProcess) -> Option<(u64, proto::events::WakeupCounts)> {
+    let seen = host::vmm::read_events(vmm.dir())
+        .iter()
+        .filter(|e| matches!(e, proto::events::Event::Wakeups { .. }))
+        .count();
+    let fd = vmm.pidfd()?;
+    let signal = rustix::process::Signal::from_named_raw(proto::events::WAKEUPS_SIGNAL)?;
+    rustix::process::pidfd_send_signal(fd, signal).ok()?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let found = host::vmm::read_events(vmm.dir())
+            .into_iter()
+            .filter_map(|e| match e {
+                proto::events::Event::Wakeups { t_us, counts } => Some((t_us, counts)),
+                _ => None,
+            })
+            .nth(seen);
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// `0.123`, or `-` for a rate not measured.
+fn fmt_rate(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.3}"))
+}
+
+/// Voluntary context switches of a VMM's vCPU threads (named `vcpuN`).
+fn vcpu_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = None;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())?;
+        total = Some(total.unwrap_or(0) + n);
+    }
+    total
 }
 
 /// Clones started in parallel.
@@ -1148,6 +1278,9 @@ impl Ctx<'_> {
         ));
         std::thread::sleep(IDLE_SETTLE);
         let memory_start = memory_of(pid, guest_ram).unwrap_or_default();
+        let vmm = &self.ws.live.last().expect("a live clone").vmm;
+        let w0 = wakeup_counts(vmm);
+        let s0 = vcpu_switches(pid);
         let t0 = Instant::now();
         let c0 = cpu_ticks(pid);
         let deadline = t0 + window;
@@ -1161,6 +1294,17 @@ impl Ctx<'_> {
         }
         let c1 = cpu_ticks(pid);
         let wall = t0.elapsed();
+        let s1 = vcpu_switches(pid);
+        let vmm = &self.ws.live.last().expect("a live clone").vmm;
+        let wakeups = match (w0, wakeup_counts(vmm)) {
+            (Some((ta, a)), Some((tb, b))) if tb > ta => Some(IdleWakeups::between(
+                &a,
+                &b,
+                (tb - ta) as f64 / 1e6,
+                s0.zip(s1),
+            )),
+            _ => None,
+        };
         let memory = memory_of(pid, guest_ram).unwrap_or_default();
         let status_rss = host::procfs::rss(pid).map(|r| (r.total, r.anon, r.file, r.shmem));
         let (Some(c0), Some(c1)) = (c0, c1) else {
@@ -1179,6 +1323,7 @@ impl Ctx<'_> {
             memory_start,
             memory,
             status_rss,
+            wakeups,
         })
     }
 
@@ -1881,6 +2026,10 @@ impl CloneReport {
         if let Some(i) = &self.idle {
             out["clone_idle_cpu_pct"] = i.cpu_pct.into();
             out["clone_idle_window_s"] = i.window_s.into();
+            if let Some(w) = &i.wakeups {
+                out["idle_wakeups_per_s"] = w.per_s.into();
+                out["idle_wakeups"] = serde_json::json!(w);
+            }
             out["clone_private_kib"] = i.memory.private_kib.into();
             out["clone_pss_kib"] = i.memory.pss_kib.into();
             out["clone_anon_kib"] = (i.memory.guest_anon_kib + i.memory.vmm_anon_kib).into();
@@ -2337,6 +2486,18 @@ impl CloneReport {
                 "idle clone CPU over {:.0} s: {:.2}% of one core ({} ticks at {}/s)\n",
                 i.window_s, i.cpu_pct, i.cpu_ticks, i.clk_tck
             ));
+            match &i.wakeups {
+                Some(w) => t.push_str(&format!(
+                    "idle clone wake-ups over {:.0} s: {:.3}/s (vCPU thread woken {}/s, context switches {}/s, guest exits to KVM {}/s); by cause /s: {}\n",
+                    w.window_s,
+                    w.per_s,
+                    fmt_rate(w.halt_wakeups_per_s),
+                    fmt_rate(w.vcpu_switches_per_s),
+                    fmt_rate(w.kvm_exits_per_s),
+                    w.causes_line()
+                )),
+                None => t.push_str("idle clone wake-ups: not counted (the VMM did not answer)\n"),
+            }
             t.push_str(&format!(
                 "idle clone memory: private {} KiB = guest RAM {} KiB (copied: {} KiB anonymous) + rest of the VMM {} KiB ({} KiB anonymous); Pss {} KiB; Rss {} KiB (guest RAM {} KiB); master RAM {} KiB\n",
                 mm.private_kib,
@@ -2452,6 +2613,7 @@ impl CloneReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::events::WakeupCounts;
 
     fn clone(running: f64, ready: f64) -> CloneSample {
         CloneSample {
@@ -2550,6 +2712,22 @@ mod tests {
                     vmm_anon_kib: 800,
                 },
                 status_rss: None,
+                wakeups: Some(IdleWakeups::between(
+                    &WakeupCounts {
+                        halts: Some(10),
+                        irq_injections: Some(20),
+                        device_irqs: [("rng".to_string(), 1)].into(),
+                        ..Default::default()
+                    },
+                    &WakeupCounts {
+                        halts: Some(16),
+                        irq_injections: Some(26),
+                        device_irqs: [("rng".to_string(), 3)].into(),
+                        ..Default::default()
+                    },
+                    60.0,
+                    Some((100, 112)),
+                )),
             }),
             big: Some(BigResult {
                 memory_mib: 2048,
@@ -2649,6 +2827,11 @@ mod tests {
         assert_eq!(j["clone_private_kib"], 1500);
         assert_eq!(j["clone_pss_kib"], 2500);
         assert_eq!(j["clone_idle_cpu_pct"], 0.1);
+        assert_eq!(j["idle_wakeups_per_s"], 0.1);
+        let cause = |c: &str| j["idle_wakeups"]["by_cause"][c].as_f64().unwrap();
+        assert!((cause("guest_timer") - 4.0 / 60.0).abs() < 1e-9);
+        assert!((cause("irq_rng") - 2.0 / 60.0).abs() < 1e-9);
+        assert_eq!(j["idle_wakeups"]["vcpu_switches_per_s"], 0.2);
         assert_eq!(j["clones_per_s"], 50.0);
         assert_eq!(j["clones_per_s_running"], 200.0);
         assert_eq!(j["clones_per_s_sequential"], 3.0 / 0.063);
@@ -2737,6 +2920,8 @@ mod tests {
             !t.contains("connection request to the guest"),
             "no such step"
         );
+        assert!(line("idle clone wake-ups").contains("0.100/s"));
+        assert!(line("idle clone wake-ups").contains("guest_timer 0.067, irq_rng 0.033"));
         assert!(line("idle clone memory").contains("private 1500 KiB"));
         assert!(line("density: ").contains("399 of 400"));
         assert!(line("net: 100 B request, new conn, published").ends_with("100.0"));

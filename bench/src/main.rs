@@ -220,7 +220,7 @@ struct BenchCloneArgs {
     /// Do not write the plot.
     #[arg(long)]
     no_plot: bool,
-    /// Measure the idle clone for 10 s instead of 30 s.
+    /// Measure the idle clone (CPU and wake-ups) for 10 s instead of --idle-window.
     #[arg(long)]
     quick: bool,
     /// How a clone's host reaches its agent: `carry` takes over the
@@ -233,6 +233,9 @@ struct BenchCloneArgs {
     /// the same master and compare them.
     #[arg(long)]
     compare_connection: bool,
+    /// How long the idle clone's CPU and wake-ups are measured, seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_window: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -251,7 +254,7 @@ fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
         density_limit: a.density_limit,
         density_max_failures: a.density_max_failures,
         big_memory_mib: a.big_memory,
-        idle_window: Duration::from_secs(if a.quick { 10 } else { 30 }),
+        idle_window: Duration::from_secs(if a.quick { 10 } else { a.idle_window }),
         jail: !a.no_jail,
         net: !a.no_net,
         vsock_reset: a.connection == Connection::Reset,

@@ -219,6 +219,7 @@ impl Timeline {
             Event::AgentReady { t_us } => self.agent_ready_us = Some(t_us),
             Event::DeviceRejected { .. } => {}
             Event::DevicePhase { t_us, phase, .. } => self.vsock.record(phase, t_us),
+            Event::Wakeups { .. } => {}
             Event::Exit { .. } => {}
         }
     }

@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::sync::Mutex;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Why a VM ended.
@@ -96,6 +98,45 @@ pub enum Event {
         /// Human-readable detail.
         message: String,
     },
+    /// What has woken the VM since the VMM started, counted: written when
+    /// the VMM is sent [`WAKEUPS_SIGNAL`], and never otherwise, so that
+    /// asking costs an idle VM nothing. Two of them a window apart give
+    /// the wake-ups per second by cause.
+    Wakeups {
+        /// Time.
+        t_us: u64,
+        /// The counts.
+        counts: WakeupCounts,
+    },
+}
+
+/// The signal that asks a VMM for an [`Event::Wakeups`].
+pub const WAKEUPS_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+/// What has woken a VM, counted since its VMM started (see
+/// [`Event::Wakeups`]). The KVM counts are summed over the vCPUs and absent
+/// where the host's KVM has no statistics file descriptors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeupCounts {
+    /// Times the guest halted (went idle) and was woken again: every
+    /// wake-up of an idle guest ends one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halts: Option<u64>,
+    /// Times KVM woke a vCPU thread that slept in a halt (KVM's
+    /// `halt_wakeup`): host-side wake-ups of the vCPU threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_wakeups: Option<u64>,
+    /// Interrupts KVM injected into the guest: the guest's own timers
+    /// (LAPIC) and the devices' ([`WakeupCounts::device_irqs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq_injections: Option<u64>,
+    /// Exits from the guest to KVM, for any reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm_exits: Option<u64>,
+    /// Exits from KVM to the VMM, by reason (`pio`, `mmio`, `interrupted`).
+    pub vmm_exits: BTreeMap<String, u64>,
+    /// Interrupts the VMM's devices raised, by device (`vsock`, `net`, `rng`...).
+    pub device_irqs: BTreeMap<String, u64>,
 }
 
 /// A device step reported by [`Event::DevicePhase`].
@@ -198,6 +239,27 @@ mod tests {
         assert_eq!(
             s,
             r#"{"event":"device_phase","t_us":9,"device":"vsock","phase":"connection_carried"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
+    }
+
+    #[test]
+    fn wakeup_counts_are_tagged_json_lines() {
+        let e = Event::Wakeups {
+            t_us: 9,
+            counts: WakeupCounts {
+                halts: Some(4),
+                halt_wakeups: Some(3),
+                irq_injections: Some(5),
+                kvm_exits: None,
+                vmm_exits: [("mmio".to_string(), 2)].into(),
+                device_irqs: [("vsock".to_string(), 1)].into(),
+            },
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"event":"wakeups","t_us":9,"counts":{"halts":4,"halt_wakeups":3,"irq_injections":5,"vmm_exits":{"mmio":2},"device_irqs":{"vsock":1}}}"#
         );
         assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
     }

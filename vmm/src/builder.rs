@@ -34,7 +34,7 @@ use crate::devices::legacy::{
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::net::{NetError, DEFAULT_MAC};
 use crate::devices::virtio::persist::{DeviceModelState, DeviceRestoreError, MmioConstructorArgs};
-use crate::devices::virtio::report::RejectReporter;
+use crate::devices::virtio::report::{device_names, RejectReporter};
 use crate::devices::virtio::{self, MmioTransport, Net, Rng, Vsock};
 use crate::error_chain;
 use crate::layout::*;
@@ -47,6 +47,7 @@ use crate::vstate::fingerprint::{HostFingerprint, ProbeError};
 use crate::vstate::state::{readable_msrs, StateError, VmState};
 use crate::vstate::vcpu::{self, Bus, Vcpu, VcpuStop};
 use crate::vstate::vm;
+use crate::vstate::wakeups::{wakeups_signal_fd, ExitCounters, VcpuStats, WakeupReporter};
 use proto::ctl::{CtlRequest, CtlResponse};
 use proto::events::{now_us, Event, EventSink, ExitReason};
 use proto::launch::{BootSource, ConsoleTarget, VmmLaunch};
@@ -121,6 +122,9 @@ pub enum BuildError {
     /// created.
     #[error("cannot create the timer of the devices' rejection reports")]
     ReportTimer(#[source] io::Error),
+    /// The signalfd that asks for the wake-up counts could not be set up.
+    #[error("cannot set up the signal that asks for the VM's wake-up counts")]
+    WakeupsSignal(#[source] io::Error),
     /// The control socket could not be bound.
     #[error("cannot listen on the control socket {path}")]
     Control {
@@ -836,6 +840,33 @@ impl StartGate {
     }
 }
 
+/// The reporter of what wakes the VM (see [`crate::vstate::wakeups`]):
+/// blocks its signal in this thread, so call it before starting threads.
+/// KVM's per-vCPU counts are left out where this host's KVM has none.
+fn wakeup_reporter(
+    m: &Machine,
+    exits: Arc<ExitCounters>,
+    events: Arc<EventSink>,
+) -> Result<WakeupReporter, BuildError> {
+    let signal = wakeups_signal_fd().map_err(BuildError::WakeupsSignal)?;
+    let vcpus = m
+        .vcpus
+        .iter()
+        .filter_map(|v| VcpuStats::open(v.fd()).ok())
+        .collect();
+    let types: Vec<u32> = m
+        .devices
+        .iter()
+        .map(|d| lock(&d.transport).device().device_type())
+        .collect();
+    let irqs = device_names(&types)
+        .into_iter()
+        .zip(&m.devices)
+        .map(|(name, d)| (name, lock(&d.transport).interrupt().clone()))
+        .collect();
+    Ok(WakeupReporter::new(signal, vcpus, exits, irqs, events))
+}
+
 /// Runs an assembled VM: one thread per vCPU, this thread runs the device
 /// event loop (and the control socket) until the VM ends.
 ///
@@ -859,6 +890,13 @@ fn run_machine(
         RejectReporter::new(transports, events.clone()).map_err(BuildError::ReportTimer)?,
     ));
     manager.add_subscriber(reporter.clone());
+    // Before any thread starts: they inherit the blocked signal.
+    let exits = Arc::new(ExitCounters::default());
+    manager.add_subscriber(Arc::new(Mutex::new(wakeup_reporter(
+        &m,
+        exits.clone(),
+        events.clone(),
+    )?)));
     let fired = Arc::new(AtomicBool::new(false));
     let watcher_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -899,6 +937,7 @@ fn run_machine(
     for mut vcpu in std::mem::take(&mut m.vcpus) {
         let bus = m.bus.clone();
         let control = m.control.clone();
+        let exits = exits.clone();
         let first_stop = first_stop.clone();
         let exit_evt = exit_evt.try_clone().map_err(BuildError::EventFd)?;
         let events = events.clone();
@@ -925,7 +964,7 @@ fn run_machine(
                 if vcpu.index() == 0 {
                     events.emit(&Event::VcpuRunning { t_us: now_us() });
                 }
-                let why = vcpu.run(bus.as_ref(), &control);
+                let why = vcpu.run(bus.as_ref(), &control, &exits);
                 let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(0);
                 control.stop();
                 let mut first = first_stop.lock().unwrap_or_else(|e| e.into_inner());

@@ -437,8 +437,11 @@ pub fn rules(
                 ioctls.extend([KVM_GET_IRQCHIP(), KVM_GET_PIT2(), KVM_GET_CLOCK()]);
             }
             l.allow_arg_in(libc::SYS_ioctl, 1, &ioctls)
-                // Device fds: eventfds, timerfds, the tap.
+                // Device fds: eventfds, timerfds, the tap; the signalfd
+                // that asks for the wake-up counts.
                 .allow(libc::SYS_read)
+                // KVM's statistics fds (vstate::wakeups).
+                .allow(libc::SYS_pread64)
                 .allow(libc::SYS_readv)
                 .allow(libc::SYS_writev)
                 .allow(libc::SYS_epoll_wait)

@@ -257,7 +257,7 @@ mod tests {
         let c = control.clone();
         let thread = std::thread::spawn(move || {
             let mut vcpu = vcpu;
-            vcpu.run(&NoDevices, &c)
+            vcpu.run(&NoDevices, &c, &Default::default())
         });
         let threads = std::slice::from_ref(&thread);
         std::thread::sleep(Duration::from_millis(50));

@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::control::RunControl;
 use super::state::VcpuState;
+use super::wakeups::{ExitCounters, VmmExit};
 use crate::layout::*;
 
 /// Errors configuring or running a vCPU.
@@ -282,8 +283,9 @@ impl Vcpu {
 
     /// Runs the guest until it stops or `control` stops it; parks (and
     /// saves its state, when asked) whenever `control` pauses the VM.
-    /// Device accesses go to `bus`.
-    pub fn run(&mut self, bus: &dyn Bus, control: &RunControl) -> VcpuStop {
+    /// Device accesses go to `bus`; every exit to the VMM is counted in
+    /// `exits`.
+    pub fn run(&mut self, bus: &dyn Bus, control: &RunControl, exits: &ExitCounters) -> VcpuStop {
         loop {
             if control.is_stopped() {
                 return VcpuStop::Stopped;
@@ -295,10 +297,22 @@ impl Vcpu {
                 continue;
             }
             match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
-                Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-                Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    exits.count(VmmExit::Pio);
+                    bus.pio_write(port, data)
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    exits.count(VmmExit::Pio);
+                    bus.pio_read(port, data)
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    exits.count(VmmExit::Mmio);
+                    bus.mmio_write(addr, data)
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    exits.count(VmmExit::Mmio);
+                    bus.mmio_read(addr, data)
+                }
                 Ok(VcpuExit::Hlt) => {}
                 Ok(VcpuExit::Shutdown) => return VcpuStop::Shutdown,
                 Ok(VcpuExit::SystemEvent(kind, _)) => return VcpuStop::SystemEvent(kind),
@@ -310,6 +324,7 @@ impl Vcpu {
                 }
                 Ok(other) => return VcpuStop::Error(format!("unexpected KVM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    exits.count(VmmExit::Interrupted);
                     self.fd.set_kvm_immediate_exit(0);
                 }
                 Err(e) => return VcpuStop::Error(format!("KVM_RUN failed: {e}")),

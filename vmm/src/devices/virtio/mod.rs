@@ -151,9 +151,10 @@ struct InterruptInner {
     status: AtomicU32,
     needs_reset: AtomicBool,
     config_generation: AtomicU32,
-    /// Interrupts raised since the handle was made.
-    raised: AtomicU64,
     evt: EventFd,
+    /// Interrupts raised since the device was created (wake-up accounting,
+    /// the vsock device's steps).
+    raised: AtomicU64,
 }
 
 /// Interrupt handle shared by a transport and its device.
@@ -176,8 +177,8 @@ impl Interrupt {
                 status: AtomicU32::new(0),
                 needs_reset: AtomicBool::new(false),
                 config_generation: AtomicU32::new(0),
-                raised: AtomicU64::new(0),
                 evt,
+                raised: AtomicU64::new(0),
             }),
         })
     }
@@ -224,7 +225,7 @@ impl Interrupt {
         self.inner.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
-    /// How many interrupts were raised through this handle.
+    /// Interrupts raised since this handle was created, re-raises included.
     pub fn raised(&self) -> u64 {
         self.inner.raised.load(Ordering::Relaxed)
     }

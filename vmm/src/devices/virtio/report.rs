@@ -65,7 +65,7 @@ pub struct RejectReporter {
 /// The name a device goes by in events: its kind (`net`, `blk`, `rng`,
 /// `vsock`, else `virtio-<type>`), with its position among devices of the
 /// same kind appended from the second one on (`net`, `net1`...).
-fn device_names(types: &[u32]) -> Vec<String> {
+pub(crate) fn device_names(types: &[u32]) -> Vec<String> {
     types
         .iter()
         .enumerate()
