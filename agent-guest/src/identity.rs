@@ -88,10 +88,19 @@ pub fn apply(id: &Identity) -> Result<IdentityTimings, String> {
     Ok(t)
 }
 
+/// `/dev/urandom`, open since the first identity (the master's).
+static URANDOM: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
 fn add_entropy(entropy: &[u8]) -> io::Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
+    let f = match URANDOM.get() {
+        Some(f) => f,
+        None => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/urandom")?;
+            URANDOM.get_or_init(|| f)
+        }
+    };
     let info = rand_pool_info(entropy);
     use std::os::fd::AsRawFd;
     // SAFETY: `info` is a complete rand_pool_info of the size it declares.

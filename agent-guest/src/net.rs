@@ -85,7 +85,7 @@ pub fn apply(n: &NetIdentity) -> Result<[u32; 3], String> {
     let step = |what: &str, r: io::Result<()>| r.map_err(|e| format!("{what}: {e}"));
     let t = std::time::Instant::now();
     let sock = socket()?;
-    let s = Sock(&sock, &n.interface);
+    let s = Sock(sock, &n.interface);
 
     let flags = s
         .flags()
@@ -141,7 +141,7 @@ pub fn prepare_freeze() -> Result<u32, String> {
     let applied = APPLIED.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(n) = applied {
         let sock = socket()?;
-        let s = Sock(&sock, &n.interface);
+        let s = Sock(sock, &n.interface);
         let index = s
             .index()
             .map_err(|e| format!("find {}: {e}", n.interface))?;
@@ -155,7 +155,9 @@ pub fn prepare_freeze() -> Result<u32, String> {
 
 /// Brings the loopback interface up (at boot; a no-op when it is up).
 pub fn loopback_up() -> Result<(), String> {
-    let sock = socket()?;
+    // A socket of its own: it acts in the caller's network namespace (a
+    // test's private one), which the shared one may not be.
+    let sock = new_socket()?;
     let s = Sock(&sock, "lo");
     let flags = s.flags().map_err(|e| format!("find lo: {e}"))?;
     if flags & IFF_UP == 0 {
@@ -165,8 +167,20 @@ pub fn loopback_up() -> Result<(), String> {
     Ok(())
 }
 
-/// A datagram socket for interface ioctls.
-fn socket() -> Result<OwnedFd, String> {
+/// The datagram socket for interface ioctls, open since the first use (the
+/// master's identity): a clone's identity does not pay for a new one. It
+/// acts in the network namespace it was made in: the guest has one.
+fn socket() -> Result<&'static OwnedFd, String> {
+    static SOCKET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(s) = SOCKET.get() {
+        return Ok(s);
+    }
+    let s = new_socket()?;
+    Ok(SOCKET.get_or_init(|| s))
+}
+
+/// A new datagram socket for interface ioctls.
+fn new_socket() -> Result<OwnedFd, String> {
     // SAFETY: socket() with constant arguments; the result is checked.
     let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
         .map_err(|e| format!("open a socket for interface ioctls: {e}"))?;

@@ -235,16 +235,36 @@ impl Socket {
     }
 }
 
+/// The route socket, open since the first address change (the master's):
+/// a clone's identity does not pay for a new socket. It acts in the
+/// network namespace it was made in (the guest has one; the one test that
+/// changes addresses makes its own namespace first). Dropped after any
+/// error, so that a late answer to a failed request cannot be taken for
+/// the next one's.
+static ROUTE: std::sync::Mutex<Option<Socket>> = std::sync::Mutex::new(None);
+
+/// Sends `msg` on the route socket and waits for its answer.
+fn route_call(msg: &[u8]) -> io::Result<()> {
+    let mut route = ROUTE.lock().unwrap_or_else(|p| p.into_inner());
+    let s = match route.take() {
+        Some(s) => s,
+        None => Socket::open(libc::NETLINK_ROUTE)?,
+    };
+    s.call(msg)?;
+    *route = Some(s);
+    Ok(())
+}
+
 /// Adds `addr/prefix_len` to interface `index` (with its subnet route).
 pub fn add_addr(index: u32, addr: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
-    Socket::open(libc::NETLINK_ROUTE)?.call(&addr_message(RTM_NEWADDR, index, addr, prefix_len))
+    route_call(&addr_message(RTM_NEWADDR, index, addr, prefix_len))
 }
 
 /// Removes `addr` from interface `index`; with it the kernel drops the
 /// routes through it and, when it was the last, the interface's
 /// neighbour entries.
 pub fn del_addr(index: u32, addr: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
-    Socket::open(libc::NETLINK_ROUTE)?.call(&addr_message(RTM_DELADDR, index, addr, prefix_len))
+    route_call(&addr_message(RTM_DELADDR, index, addr, prefix_len))
 }
 
 /// Every IPv4 TCP socket that has a peer.
