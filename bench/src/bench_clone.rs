@@ -48,8 +48,6 @@ const BURST: usize = 50;
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
 /// `--density` stops below this much host `MemAvailable`.
 const DENSITY_MIN_AVAILABLE_KIB: u64 = 2 << 20;
-/// `--density` stops starting clones after this long.
-const DENSITY_TIME_LIMIT: Duration = Duration::from_secs(600);
 /// How long pinging every clone of `--density` may take; clones that have not
 /// answered by then are killed (and counted as not answering).
 const DENSITY_PING_LIMIT: Duration = Duration::from_secs(300);
@@ -143,6 +141,12 @@ pub struct CloneBenchOptions {
     pub density_limit: usize,
     /// `--density` stops when more clones than this failed to start.
     pub density_max_failures: usize,
+    /// `--density` stops starting clones after this long.
+    pub density_time: Duration,
+    /// Clone starts of the stress run (`--starts`, 0: none): `parallel`
+    /// at a time, each killed once it answered, while two other clones
+    /// keep the CPU busy.
+    pub starts: usize,
     /// RAM of the second master, MiB (0: skip it).
     pub big_memory_mib: u64,
     /// How long the idle clone's CPU time is measured.
@@ -488,6 +492,30 @@ pub struct ParallelResult {
     pub ready_ms: Vec<f64>,
 }
 
+/// `--starts N`: clone starts, `parallel` at a time, each killed once it
+/// answered, while another clone keeps a core busy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StressResult {
+    /// Starts asked for.
+    pub starts: usize,
+    /// Clones started at once.
+    pub parallel: usize,
+    /// Clones that answered.
+    pub answered: usize,
+    /// Clones that did not (within their timeout) or failed.
+    pub failed: usize,
+    /// The first few failures.
+    pub failures: Vec<String>,
+    /// Spawn → ping answered, each clone that answered.
+    pub ready_ms: Vec<f64>,
+    /// Interrupts the vsock watchdog raised again, over every clone.
+    pub interrupts_reraised: u64,
+    /// Clones in which it fired.
+    pub clones_with_reraise: usize,
+    /// Wall time of the run.
+    pub wall_ms: f64,
+}
+
 /// Clones spawned at once without waiting for their agents: the host's
 /// side of creation.
 #[derive(Debug, Clone, Serialize)]
@@ -551,6 +579,8 @@ pub struct DensityResult {
     pub ping_wall_ms: f64,
     /// Killing all of them.
     pub kill_wall_ms: f64,
+    /// VMM processes of the run still there once the kill returned.
+    pub vmms_left: usize,
 }
 
 /// Results of `zygote bench clone`.
@@ -595,6 +625,8 @@ pub struct CloneReport {
     pub connection: Option<ConnectionComparison>,
     /// Clones of a master whose memory file is not in the page cache.
     pub cold_cache: Option<ColdCache>,
+    /// `--starts`.
+    pub stress: Option<StressResult>,
     /// Optional parts that failed (the rest was measured).
     pub errors: Vec<String>,
 }
@@ -863,6 +895,29 @@ fn kill_clones(store: &Store, clones: &mut Vec<Started>) {
         s.vmm.kill();
         let _ = host::clone::kill(store, &s.id);
     }
+}
+
+/// How many processes run with `dir` in their command line (the VMMs of
+/// the run: a jailed one's argv[0] names its runtime directory).
+fn vmms_of(dir: &Path) -> usize {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let me = std::process::id().to_string();
+    procs
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.bytes().all(|b| b.is_ascii_digit()) && name != me.as_str()
+        })
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .count()
 }
 
 fn ms_between(from: u64, to: u64) -> f64 {
@@ -1364,6 +1419,74 @@ impl Ctx<'_> {
         Ok(out)
     }
 
+    /// `--starts`: see [`StressResult`].
+    fn stress(&mut self) -> Result<StressResult, CloneBenchError> {
+        check_interrupted()?;
+        let (n, k) = (self.opts.starts, self.opts.parallel.max(1));
+        // The busy clone: a spin loop in its guest, detached from the exec.
+        self.start_one(MASTER)?;
+        let busy = self.ws.live.last_mut().expect("the busy clone");
+        let mut req = ExecRequest::new([
+            "sh",
+            "-c",
+            "sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &",
+        ]);
+        req.timeout_ms = Some(EXEC_TIMEOUT_MS);
+        busy.agent
+            .exec_collect(req)
+            .map_err(|source| CloneBenchError::Agent {
+                id: busy.id.clone(),
+                source,
+            })?;
+        let mut out = StressResult {
+            starts: n,
+            parallel: k,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut done = 0;
+        while done < n {
+            check_interrupted()?;
+            let batch = k.min(n - done);
+            done += batch;
+            let results = start_guarded(&self.ws.store, MASTER, batch, &self.clone_opts(k))?;
+            let mut started = Vec::new();
+            for r in results {
+                match r {
+                    Ok(s) => started.push(s),
+                    Err(e) => {
+                        out.failed += 1;
+                        self.say(&format!("starts: a clone failed: {e}"));
+                        if out.failures.len() < 10 {
+                            out.failures.push(e.to_string());
+                        }
+                    }
+                }
+            }
+            for s in &mut started {
+                s.vmm.poll();
+                let t = s.timeline();
+                out.ready_ms.push(sample_of(s, 0.0).ready_ms);
+                let re = t.vsock.irqs_reraised;
+                out.interrupts_reraised += u64::from(re);
+                out.clones_with_reraise += usize::from(re > 0);
+                out.answered += 1;
+            }
+            kill_clones(&self.ws.store, &mut started);
+            if done % 50 < k || done == n {
+                self.say(&format!(
+                    "starts: {done}/{n} after {:.0} s, {} failed, {} interrupts raised again",
+                    t0.elapsed().as_secs_f64(),
+                    out.failed,
+                    out.interrupts_reraised
+                ));
+            }
+        }
+        out.wall_ms = elapsed_ms(t0);
+        self.ws.kill_live();
+        Ok(out)
+    }
+
     fn burst(&mut self) -> Result<BurstResult, CloneBenchError> {
         check_interrupted()?;
         let n = BURST;
@@ -1433,10 +1556,10 @@ impl Ctx<'_> {
             if clones.len() >= limit {
                 break format!("reached --density-limit {limit}");
             }
-            if t0.elapsed() >= DENSITY_TIME_LIMIT {
+            if t0.elapsed() >= self.opts.density_time {
                 break format!(
-                    "time limit: {:.0} s of starting clones",
-                    DENSITY_TIME_LIMIT.as_secs_f64()
+                    "time limit: {:.0} s of starting clones (--density-time)",
+                    self.opts.density_time.as_secs_f64()
                 );
             }
             let avail = mem_available_kib().unwrap_or(u64::MAX);
@@ -1508,6 +1631,12 @@ impl Ctx<'_> {
         let t = Instant::now();
         kill_clones(&self.ws.store, &mut clones);
         let kill_wall_ms = elapsed_ms(t);
+        let vmms_left = vmms_of(&self.ws.root);
+        if vmms_left > 0 {
+            self.say(&format!(
+                "density: {vmms_left} VMMs still run after the kill"
+            ));
+        }
         Ok(DensityResult {
             limit,
             started,
@@ -1524,6 +1653,7 @@ impl Ctx<'_> {
             start_wall_ms,
             ping_wall_ms,
             kill_wall_ms,
+            vmms_left,
         })
     }
 }
@@ -1682,6 +1812,15 @@ pub fn bench_clone(
 
     // 2. Clones one after another.
     report.clones = ctx.sequential(&guest_ram)?;
+
+    // 2°. Many starts, a few at a time, beside a busy clone (`--starts`).
+    if opts.starts > 0 {
+        match ctx.stress() {
+            Ok(x) => report.stress = Some(x),
+            Err(CloneBenchError::Interrupted) => return Err(CloneBenchError::Interrupted),
+            Err(e) => report.errors.push(format!("starts: {e}")),
+        }
+    }
 
     // 2'. Taking over the carried agent connection vs resetting the
     // transport, in turn.
@@ -1962,12 +2101,22 @@ impl CloneReport {
             .connection
             .iter()
             .flat_map(|c| c.carry.iter().chain(c.reset.iter()));
-        self.clones
+        let sampled: u64 = self
+            .clones
             .iter()
             .chain(conf)
             .chain(cmp)
             .map(|s| u64::from(s.steps.irqs_reraised))
-            .sum()
+            .sum();
+        sampled + self.stress.as_ref().map_or(0, |x| x.interrupts_reraised)
+    }
+
+    /// Clones that did not answer in the runs that start many (`--starts`,
+    /// the parallel run, `--density`).
+    pub fn failed_starts(&self) -> usize {
+        self.stress.as_ref().map_or(0, |x| x.failed)
+            + self.parallel.as_ref().map_or(0, |p| p.failed)
+            + self.density.as_ref().map_or(0, |d| d.failed)
     }
 
     /// The JSON object `--json` prints.
@@ -2004,6 +2153,18 @@ impl CloneReport {
             "clone_ready_ms_reset": self.clone_ready_by(true),
             "ratio_carry_over_reset": self.ratio_carry_over_reset(),
             "interrupts_reraised": self.interrupts_reraised(),
+            "failed_starts": self.failed_starts(),
+            "stress": self.stress.as_ref().map(|x| serde_json::json!({
+                "starts": x.starts,
+                "parallel": x.parallel,
+                "answered": x.answered,
+                "failed": x.failed,
+                "failures": x.failures,
+                "ready_ms": summary(x.ready_ms.iter().copied()),
+                "interrupts_reraised": x.interrupts_reraised,
+                "clones_with_reraise": x.clones_with_reraise,
+                "wall_ms": x.wall_ms,
+            })),
             "clone_steps_ms": steps_json(&self.clones),
             "clone_ready_ms_cold_cache": self.cold_cache.as_ref().and_then(|c| summary(c.cold.iter().map(|s| s.ready_ms))),
             "clone_ready_ms_warm_cache": self.cold_cache.as_ref().and_then(|c| summary(c.warm.iter().map(|s| s.ready_ms))),
@@ -2120,6 +2281,7 @@ impl CloneReport {
                 "start_wall_ms": d.start_wall_ms,
                 "ping_wall_ms": d.ping_wall_ms,
                 "kill_wall_ms": d.kill_wall_ms,
+                "vmms_left": d.vmms_left,
             });
         }
         out
@@ -2476,6 +2638,18 @@ impl CloneReport {
                 b.wall_ms
             ));
         }
+        if let Some(x) = &self.stress {
+            t.push_str(&format!(
+                "starts: {} of {} clones answered ({} at once, beside a busy clone), {} failed, in {:.0} s; interrupts raised again {} times in {} clones\n",
+                x.answered,
+                x.starts,
+                x.parallel,
+                x.failed,
+                x.wall_ms / 1000.0,
+                x.interrupts_reraised,
+                x.clones_with_reraise
+            ));
+        }
         t.push_str(&format!(
             "vsock interrupts raised again by the lost-interrupt watchdog: {}\n",
             self.interrupts_reraised()
@@ -2771,8 +2945,20 @@ mod tests {
                 start_wall_ms: 9000.0,
                 ping_wall_ms: 3000.0,
                 kill_wall_ms: 500.0,
+                vmms_left: 0,
             }),
             vsock_reset: false,
+            stress: Some(StressResult {
+                starts: 500,
+                parallel: 8,
+                answered: 499,
+                failed: 1,
+                failures: vec!["timed out".into()],
+                ready_ms: vec![200.0, 300.0],
+                interrupts_reraised: 2,
+                clones_with_reraise: 1,
+                wall_ms: 160_000.0,
+            }),
             cold_cache: Some(ColdCache {
                 file_allocated_kib: 25_000,
                 resident_kib_after_drop: vec![0],
@@ -2859,7 +3045,9 @@ mod tests {
         let ratio = j["ratio_carry_over_reset"].as_f64().unwrap();
         let want = c["p50"].as_f64().unwrap() / r["p50"].as_f64().unwrap();
         assert!((ratio - want).abs() < 1e-9 && ratio < 0.5, "{ratio}");
-        assert_eq!(j["interrupts_reraised"], 10, "one per clone sample");
+        assert_eq!(j["interrupts_reraised"], 12, "one per clone sample, 2 in --starts");
+        assert_eq!(j["failed_starts"], 1);
+        assert_eq!(j["stress"]["answered"], 499);
         assert_eq!(j["clone_steps_ms"]["carried_ms"]["p50"], 6.0);
         assert!(j["clone_steps_ms"]["requested_ms"].is_null());
         assert_eq!(j["clone_ready_ms_cold_cache"]["p50"], 60.0);
@@ -2912,7 +3100,8 @@ mod tests {
         assert!(line("ratio clone -> vCPUs running / qemu").ends_with("0.0500"));
         assert!(line("clones/s, 8 at once").contains("50.0"));
         assert!(line("idle clone CPU").contains("0.10%"));
-        assert!(line("vsock interrupts raised again").ends_with(": 10"));
+        assert!(line("vsock interrupts raised again").ends_with(": 12"));
+        assert!(line("starts: 499 of 500").contains("1 failed, in 160 s"));
         assert!(line("clone: spawn -> ping answered (carried connection)").contains("20.0"));
         assert!(line("  vsock: carried connection taken over").contains("6.0"));
         assert!(line("  transport reset: -> ping answered").contains("30.0"));

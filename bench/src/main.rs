@@ -211,6 +211,14 @@ struct BenchCloneArgs {
     /// stops at the first).
     #[arg(long, default_value_t = 0)]
     density_max_failures: usize,
+    /// --density stops starting clones after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    density_time: u64,
+    /// Also start this many clones, --parallel at a time, each killed once
+    /// it answered, beside a busy clone: failed starts and the
+    /// lost-interrupt watchdog's count.
+    #[arg(long, default_value_t = 0)]
+    starts: usize,
     /// RAM of a second master (no warm-up) whose clones are timed too, MiB; 0 skips it.
     #[arg(long, default_value_t = 2048)]
     big_memory: u64,
@@ -253,6 +261,8 @@ fn bench_clone(a: BenchCloneArgs) -> anyhow::Result<i32> {
         density: a.density,
         density_limit: a.density_limit,
         density_max_failures: a.density_max_failures,
+        density_time: Duration::from_secs(a.density_time),
+        starts: a.starts,
         big_memory_mib: a.big_memory,
         idle_window: Duration::from_secs(if a.quick { 10 } else { a.idle_window }),
         jail: !a.no_jail,
