@@ -3045,7 +3045,10 @@ mod tests {
         let ratio = j["ratio_carry_over_reset"].as_f64().unwrap();
         let want = c["p50"].as_f64().unwrap() / r["p50"].as_f64().unwrap();
         assert!((ratio - want).abs() < 1e-9 && ratio < 0.5, "{ratio}");
-        assert_eq!(j["interrupts_reraised"], 12, "one per clone sample, 2 in --starts");
+        assert_eq!(
+            j["interrupts_reraised"], 12,
+            "one per clone sample, 2 in --starts"
+        );
         assert_eq!(j["failed_starts"], 1);
         assert_eq!(j["stress"]["answered"], 499);
         assert_eq!(j["clone_steps_ms"]["carried_ms"]["p50"], 6.0);

@@ -121,6 +121,59 @@ pub(crate) fn random_suffix() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Starts reading the master's memory file into the page cache on a
+/// thread of its own (off the clone's path). After a host restart or a
+/// fresh `snapshot load` the file is not cached, and a clone would fault
+/// its pages in from disk one small read at a time; this reads the file's
+/// data (what the master touched: its extents by `SEEK_DATA`/`SEEK_HOLE`,
+/// never its holes) in large requests. When it is cached, each page costs
+/// a lookup (about 6,000 for a master that touched 25 MiB), on another
+/// core.
+pub fn warm_page_cache(memory: &Path) {
+    let memory = memory.to_path_buf();
+    let _ = std::thread::Builder::new()
+        .name("warm-page-cache".into())
+        .spawn(move || {
+            if let Ok(f) = std::fs::File::open(&memory) {
+                for (off, len) in data_extents(&f) {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: an advice call on an fd this thread holds open.
+                    unsafe {
+                        libc::posix_fadvise(
+                            f.as_raw_fd(),
+                            off as libc::off_t,
+                            len as libc::off_t,
+                            libc::POSIX_FADV_WILLNEED,
+                        )
+                    };
+                }
+            }
+        });
+}
+
+/// The `(offset, length)` of each stretch of data in `f` (its holes left
+/// out).
+fn data_extents(f: &std::fs::File) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: libc::off_t = 0;
+    loop {
+        // SAFETY: lseek on an fd `f` holds open.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            return out; // ENXIO: no data from `pos` on
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole <= data {
+            return out;
+        }
+        out.push((data as u64, (hole - data) as u64));
+        pos = hole;
+    }
+}
+
 /// A clone's VMM, spawned but not yet answering.
 #[derive(Debug)]
 pub struct Spawned {
@@ -203,6 +256,7 @@ pub fn spawn(
         vsock_reset: owner.vsock_reset,
         ..Default::default()
     };
+    warm_page_cache(&master.snapshot.join(snapshotter::MEMORY_FILE));
     let source = VmSource::Restore {
         snapshot: master.snapshot.clone(),
     };
@@ -513,4 +567,35 @@ pub fn spawn_burst(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    #[test]
+    fn data_extents_skip_the_holes() {
+        let path = std::env::temp_dir().join(format!("zygote-extents-{}", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(&[1; 4096], 0).unwrap();
+        f.write_all_at(&[2; 8192], 4 << 20).unwrap();
+        f.sync_all().unwrap();
+        let ext = data_extents(&std::fs::File::open(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        // Filesystems may round extents to their blocks; the data is
+        // covered and the holes between are not read.
+        assert_eq!(ext.len(), 2, "{ext:?}");
+        assert!(
+            ext[0].0 == 0 && ext[0].1 >= 4096 && ext[0].1 < 1 << 20,
+            "{ext:?}"
+        );
+        let (off, len) = ext[1];
+        assert!(off <= 4 << 20 && off + len >= (4 << 20) + 8192, "{ext:?}");
+        assert!(off + len < 8 << 20, "{ext:?}");
+        // A missing file is no error.
+        warm_page_cache(&path);
+    }
 }
