@@ -2166,6 +2166,7 @@ impl CloneReport {
                 "wall_ms": x.wall_ms,
             })),
             "clone_steps_ms": steps_json(&self.clones),
+            "clone_steps_ms_reset": self.connection.as_ref().map(|c| steps_json(&c.reset)),
             "clone_ready_ms_cold_cache": self.cold_cache.as_ref().and_then(|c| summary(c.cold.iter().map(|s| s.ready_ms))),
             "clone_ready_ms_warm_cache": self.cold_cache.as_ref().and_then(|c| summary(c.warm.iter().map(|s| s.ready_ms))),
             "clone_running_ms_cold_cache": self.cold_cache.as_ref().and_then(|c| summary(c.cold.iter().filter_map(|s| s.running_ms))),
@@ -2419,6 +2420,17 @@ impl CloneReport {
                 c.reset.len(),
                 ready(&c.reset),
             );
+            for (name, f) in steps {
+                let (k, s) = cl_steps(&c.reset, f);
+                if k > 0 {
+                    row(
+                        &mut t,
+                        &format!("  transport reset, {}", name.trim_start()),
+                        k,
+                        s,
+                    );
+                }
+            }
         }
         row(
             &mut t,
