@@ -84,6 +84,7 @@ pub fn serve<S: Read + Write + AsRawFd>(stream: S, agent: &Agent) {
         end: 0,
         outbuf: Vec::new(),
         events: None,
+        held: Vec::new(),
     };
     let _ = conn.run(agent);
 }
@@ -102,6 +103,8 @@ struct Conn<S> {
     outbuf: Vec<u8>,
     /// Eventfd announcing command exits, made at the first exec.
     events: Option<OwnedFd>,
+    /// Answers not written yet ([`Conn::send`]).
+    held: Vec<u8>,
 }
 
 impl<S: Read + Write + AsRawFd> Conn<S> {
@@ -135,10 +138,31 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
         }
     }
 
-    /// Sends one control message (one write).
+    /// Sends one control message: one write, or none yet while another
+    /// whole request waits in the input buffer (answers to pipelined
+    /// requests, a clone's identity and ping, go out in one write: one
+    /// packet, one wake-up of the host side). Whatever writes to the
+    /// stream otherwise calls [`Conn::flush_held`] first.
     fn send(&mut self, resp: Response) -> Flow {
         let buf = AgentFrame::Response(resp).encode().map_err(|_| Closed)?;
-        self.stream.write_all(&buf).map_err(|_| Closed)
+        self.held.extend_from_slice(&buf);
+        if matches!(
+            parse_frame(&self.inbuf[self.start..self.end]),
+            Ok(Some(_))
+        ) {
+            return Ok(());
+        }
+        self.flush_held()
+    }
+
+    /// Writes the answers [`Conn::send`] held back.
+    fn flush_held(&mut self) -> Flow {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let r = self.stream.write_all(&self.held).map_err(|_| Closed);
+        self.held.clear();
+        r
     }
 
     fn send_error(&mut self, code: ErrorCode, message: String) -> Flow {
@@ -180,6 +204,8 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
 
     fn shutdown(&mut self, agent: &Agent) -> Flow {
         self.send(Response::ShuttingDown)?;
+        // Nothing after it is answered: out with what was held.
+        self.flush_held()?;
         (agent.shutdown)();
         Err(Closed)
     }
@@ -205,6 +231,8 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
     /// One read from the connection into the buffer, with room for at
     /// least the whole pending frame. Returns 0 at end of stream.
     fn fill(&mut self) -> Result<usize, Closed> {
+        // Nothing held back while waiting for the host.
+        self.flush_held()?;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -353,6 +381,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
                 ),
                 pollfd(if run.status.is_none() { events } else { -1 }, libc::POLLIN),
             ];
+            self.flush_held()?;
             // SAFETY: `fds` is a valid array of `fds.len()` pollfds.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
             if n < 0 {
@@ -416,6 +445,8 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
         match sys::read(pipe.as_raw_fd(), &mut self.outbuf[HEADER_LEN..]) {
             Ok(0) => run.outputs[idx] = None,
             Ok(n) => {
+                // Answers first, in order.
+                self.flush_held()?;
                 let header = frame_header(kind, n).map_err(|_| Closed)?;
                 self.outbuf[..HEADER_LEN].copy_from_slice(&header);
                 self.stream

@@ -119,9 +119,12 @@ impl AgentClient {
             .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
             .map_err(ProtoError::Io)?;
         let made = now_us();
-        HostFrame::Request(Request::Identity(identity().map_err(AgentError::Output)?))
-            .write_to(&mut stream)?;
-        HostFrame::Request(Request::Ping).write_to(&mut stream)?;
+        // One write: one packet for the guest, one wake-up of the agent.
+        let mut both =
+            HostFrame::Request(Request::Identity(identity().map_err(AgentError::Output)?))
+                .encode()?;
+        both.extend(HostFrame::Request(Request::Ping).encode()?);
+        stream.write_all(&both).map_err(ProtoError::Io)?;
         let (mut client, hello) = if carried {
             (Self::carried(stream), made)
         } else {

@@ -212,6 +212,7 @@ fn serve_stream(stream: Vec<u8>, cuts: Vec<usize>) -> (Vec<AgentFrame>, usize) {
             end: 0,
             outbuf: Vec::new(),
             events: None,
+            held: Vec::new(),
         };
         let _ = conn.run(&agent);
         let _ = done_tx.send(conn.inbuf.len());
