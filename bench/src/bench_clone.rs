@@ -897,6 +897,23 @@ fn kill_clones(store: &Store, clones: &mut Vec<Started>) {
     }
 }
 
+/// Raises this process's open-files limit to its hard limit: `--density`
+/// holds a few descriptors per live clone (its agent connection, its
+/// pidfd), more than the usual soft limit of 1024 at a few hundred clones.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit out/in pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// How many processes run with `dir` in their command line (the VMMs of
 /// the run: a jailed one's argv[0] names its runtime directory).
 fn vmms_of(dir: &Path) -> usize {
@@ -1781,6 +1798,9 @@ pub fn bench_clone(
 ) -> Result<CloneReport, CloneBenchError> {
     if opts.count == 0 {
         return Err(CloneBenchError::Failed("--count must be at least 1".into()));
+    }
+    if opts.density {
+        raise_open_files_limit();
     }
     let ws = Workspace::new()?;
     let mut ctx = Ctx { ws, opts, progress };
