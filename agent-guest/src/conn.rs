@@ -146,10 +146,7 @@ impl<S: Read + Write + AsRawFd> Conn<S> {
     fn send(&mut self, resp: Response) -> Flow {
         let buf = AgentFrame::Response(resp).encode().map_err(|_| Closed)?;
         self.held.extend_from_slice(&buf);
-        if matches!(
-            parse_frame(&self.inbuf[self.start..self.end]),
-            Ok(Some(_))
-        ) {
+        if matches!(parse_frame(&self.inbuf[self.start..self.end]), Ok(Some(_))) {
             return Ok(());
         }
         self.flush_held()
