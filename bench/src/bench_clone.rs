@@ -789,9 +789,11 @@ pub fn resident_kib(path: &str) -> Option<u64> {
     (r == 0).then(|| vec.iter().filter(|b| **b & 1 != 0).count() as u64 * 4)
 }
 
-/// Drops the file at `path` from the page cache, as a host restart would
-/// (its pages are clean: the master is frozen and its file synced; pages
-/// a live clone maps stay). Returns the KiB still resident.
+/// Drops the file at `path` from the page cache, as a host restart would:
+/// this file's share of `echo 3 > /proc/sys/vm/drop_caches`, without
+/// emptying the whole host's cache (its pages are clean: the master is
+/// frozen and its file synced; pages a live clone maps stay). Returns the
+/// KiB still resident.
 pub fn evict_from_page_cache(path: &str) -> Option<u64> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).ok()?;

@@ -1346,6 +1346,27 @@ fn queues_of(dev: &Vsock) -> Vec<Queue> {
         .collect()
 }
 
+/// A clone's device: rebuilt from the master's `saved` state over the same
+/// guest memory and `queues`, its socket at `path`, restored (`reset`: as
+/// with `--vsock-reset`).
+fn restored_clone(
+    m: &GuestMemoryMmap,
+    saved: &VsockState,
+    queues: Vec<Queue>,
+    path: &std::path::Path,
+    reset: bool,
+) -> Direct {
+    let args = VsockConstructorArgs {
+        uds_path: path.to_path_buf(),
+        reset,
+    };
+    let mut dev = Vsock::restore(args, saved).unwrap();
+    dev.activate(m.clone(), queues, Interrupt::new().unwrap())
+        .unwrap();
+    dev.restored();
+    Direct { dev }
+}
+
 /// Reads the `OK <port>[ carried]` line a host stream gets.
 fn ok_line(b: &mut dyn Backend, s: &mut UnixStream) -> String {
     let start = Instant::now();
@@ -1424,15 +1445,7 @@ fn an_idle_connection_is_carried_into_a_clone_and_the_rest_are_reset() {
 
     // The clone: same guest memory and queues, a new device.
     let clone_path = sock_path("carry-clone");
-    let args = VsockConstructorArgs {
-        uds_path: clone_path.clone(),
-        reset: false,
-    };
-    let mut dev = Vsock::restore(args, &saved).unwrap();
-    dev.activate(m.clone(), queues, Interrupt::new().unwrap())
-        .unwrap();
-    let mut b = Direct { dev };
-    b.dev.restored();
+    let mut b = restored_clone(&m, &saved, queues, &clone_path, false);
     assert!(g.ev.pop_used().is_none(), "no transport reset");
     // The two others get a reset each.
     let mut resets: Vec<(u32, u32)> = wait_packets(&mut b, &mut g)
@@ -1498,15 +1511,7 @@ fn a_carried_connection_the_guest_touches_before_the_host_is_reset() {
     drop(a);
 
     let clone_path = sock_path("carry-touch-clone");
-    let args = VsockConstructorArgs {
-        uds_path: clone_path.clone(),
-        reset: false,
-    };
-    let mut dev = Vsock::restore(args, &saved).unwrap();
-    dev.activate(m.clone(), queues, Interrupt::new().unwrap())
-        .unwrap();
-    let mut b = Direct { dev };
-    b.dev.restored();
+    let mut b = restored_clone(&m, &saved, queues, &clone_path, false);
     // Credit bookkeeping is fine while parked: a credit request is
     // answered.
     let req = c.hdr(OP_CREDIT_REQUEST, 0);
@@ -1539,17 +1544,10 @@ fn a_reset_restore_or_an_old_state_resets_the_transport() {
         if !listed {
             saved.connections = None;
         }
-        let args = VsockConstructorArgs {
-            uds_path: sock_path("reset-clone"),
-            reset,
-        };
-        let mut dev = Vsock::restore(args, &saved).unwrap();
-        dev.activate(m.clone(), g.queues(), Interrupt::new().unwrap())
-            .unwrap();
-        dev.restored();
+        let mut b = restored_clone(&m, &saved, g.queues(), &sock_path("reset-clone"), reset);
         assert!(g.ev.pop_used().is_some(), "a transport reset was posted");
         let mut phases = Vec::new();
-        dev.take_phases(&mut phases);
+        b.dev.take_phases(&mut phases);
         assert_eq!(phases[0].0, DevicePhase::TransportResetPosted);
     }
 }
