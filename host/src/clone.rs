@@ -402,35 +402,52 @@ pub fn start(
     opts: &CloneOptions,
 ) -> Result<Vec<Result<Started, CloneError>>, CloneError> {
     let master = store.master(name)?;
-    let mut results = Vec::with_capacity(count);
     let parallel = opts.parallel.max(1);
-    let mut left = count;
-    while left > 0 {
-        let batch = left.min(parallel);
-        left -= batch;
-        // Spawned from this thread: a child's parent-death signal follows
-        // the thread that forked it.
-        let spawned: Vec<Result<Spawned, CloneError>> = (0..batch)
-            .map(|_| spawn_one(store, &master, opts))
-            .collect();
-        let timeout = opts.timeout;
-        let done: Vec<Result<Started, CloneError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = spawned
-                .into_iter()
-                .map(|s| scope.spawn(move || s.and_then(|s| handshake(s, timeout))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(CloneError::NotRunning("(handshake thread panicked)".into()))
-                    })
-                })
-                .collect()
-        });
-        results.extend(done);
-    }
-    Ok(results)
+    let timeout = opts.timeout;
+    let mut results: Vec<Option<Result<Started, CloneError>>> = (0..count).map(|_| None).collect();
+    // A pipeline, not batches: as soon as one clone answered (or failed)
+    // the next is spawned, so `parallel` clones are always on their way
+    // and a slow one holds up no other.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (mut next, mut in_flight) = (0, 0);
+        loop {
+            // Spawned from this thread: a child's parent-death signal
+            // follows the thread that forked it.
+            while next < count && in_flight < parallel {
+                let i = next;
+                next += 1;
+                match spawn_one(store, &master, opts) {
+                    Ok(s) => {
+                        in_flight += 1;
+                        let tx = tx.clone();
+                        scope.spawn(move || {
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                handshake(s, timeout)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(CloneError::NotRunning("(handshake thread panicked)".into()))
+                            });
+                            let _ = tx.send((i, r));
+                        });
+                    }
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            // Every handshake thread sends once, and this thread holds a
+            // sender too: the channel cannot close under us.
+            let Ok((i, r)) = rx.recv() else { break };
+            results[i] = Some(r);
+            in_flight -= 1;
+        }
+    });
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(CloneError::NotRunning("(never started)".into()))))
+        .collect())
 }
 
 /// A live clone's agent.
