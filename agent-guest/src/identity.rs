@@ -69,7 +69,7 @@ pub fn apply(id: &Identity) -> Result<IdentityTimings, String> {
     let timed = |what: &str, r: &mut dyn FnMut() -> io::Result<()>| {
         let t = std::time::Instant::now();
         r().map_err(|e| format!("{what}: {e}"))?;
-        Ok::<u32, String>(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+        Ok::<u32, String>(crate::sys::us_since(t))
     };
     let mut t = IdentityTimings {
         entropy_us: timed("add entropy", &mut || add_entropy(&id.entropy))?,
@@ -82,7 +82,7 @@ pub fn apply(id: &Identity) -> Result<IdentityTimings, String> {
         let start = std::time::Instant::now();
         let [mac, addr, route] =
             crate::net::apply(net).map_err(|e| format!("network {}: {e}", net.interface))?;
-        t.net_us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        t.net_us = crate::sys::us_since(start);
         (t.net_mac_us, t.net_addr_us, t.net_route_us) = (mac, addr, route);
     }
     Ok(t)

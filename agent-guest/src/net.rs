@@ -74,11 +74,6 @@ fn netmask(prefix_len: u8) -> u32 {
 /// The identity last applied (what a master's freeze takes back).
 static APPLIED: std::sync::Mutex<Option<NetIdentity>> = std::sync::Mutex::new(None);
 
-/// µs since `t`, for [`proto::IdentityTimings`].
-fn us_since(t: std::time::Instant) -> u32 {
-    t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
-}
-
 /// Applies a validated network identity. PID 1 (or `CAP_NET_ADMIN`) only.
 /// Returns how long the MAC, the address and the route took (µs).
 pub fn apply(n: &NetIdentity) -> Result<[u32; 3], String> {
@@ -102,7 +97,7 @@ pub fn apply(n: &NetIdentity) -> Result<[u32; 3], String> {
         }
         Err(e) => return Err(format!("set the MAC address: {e}")),
     }
-    let mac_us = us_since(t);
+    let mac_us = crate::sys::us_since(t);
     let t = std::time::Instant::now();
     // A master's freeze removed its address; an interface that still has
     // one (an identity applied twice, a master frozen by an older host)
@@ -119,10 +114,10 @@ pub fn apply(n: &NetIdentity) -> Result<[u32; 3], String> {
     if flags & IFF_UP == 0 {
         step("bring the interface up", s.set_flags(flags | IFF_UP))?;
     }
-    let addr_us = us_since(t);
+    let addr_us = crate::sys::us_since(t);
     let t = std::time::Instant::now();
     step("add the default route", s.add_default_route(n.gateway))?;
-    let route_us = us_since(t);
+    let route_us = crate::sys::us_since(t);
     *APPLIED.lock().unwrap_or_else(|p| p.into_inner()) = Some(n.clone());
     Ok([mac_us, addr_us, route_us])
 }

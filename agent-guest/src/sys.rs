@@ -163,6 +163,12 @@ pub fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
     }
 }
 
+/// Microseconds since `t` (vDSO clock: no syscall), saturating at
+/// `u32::MAX`: what the agent reports of its own steps.
+pub fn us_since(t: std::time::Instant) -> u32 {
+    t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
