@@ -46,6 +46,27 @@ fn exec(sandbox: &Sandbox, id: &str, args: &[&str]) -> Output {
     sandbox.zygote(&argv, b"")
 }
 
+/// The first 32 of 4096 random bytes clone `id` reads, and the text of its
+/// hostname followed by `files`.
+fn random_and_files(sandbox: &Sandbox, id: &str, files: &[&str]) -> (Vec<u8>, String) {
+    let mut args = vec![
+        "head",
+        "-q",
+        "-c",
+        "4096",
+        "/dev/urandom",
+        "/proc/sys/kernel/hostname",
+    ];
+    args.extend_from_slice(files);
+    let out = exec(sandbox, id, &args);
+    assert!(out.status.success(), "{id}: {out:?}");
+    let (random, rest) = out.stdout.split_at(4096);
+    (
+        random[..32].to_vec(),
+        String::from_utf8_lossy(rest).into_owned(),
+    )
+}
+
 fn private_kib(sandbox: &Sandbox, id: &str) -> u64 {
     let out = ok(&sandbox.zygote(&["ps", "--json"], b""), "zygote ps");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("ps --json");
@@ -101,23 +122,7 @@ fn clones_of_a_warm_master() {
     let mut randoms = HashSet::new();
     let mut hostnames = HashSet::new();
     for id in &ids {
-        let out = exec(
-            &sandbox,
-            id,
-            &[
-                "head",
-                "-q",
-                "-c",
-                "4096",
-                "/dev/urandom",
-                "/proc/sys/kernel/hostname",
-                "/tmp/state",
-                &environ,
-            ],
-        );
-        assert!(out.status.success(), "{id}: {out:?}");
-        let (random, rest) = out.stdout.split_at(4096);
-        let text = String::from_utf8_lossy(rest);
+        let (random, text) = random_and_files(&sandbox, id, &["/tmp/state", &environ]);
         let mut lines = text.lines();
         let hostname = lines.next().unwrap_or_default().to_string();
         assert_eq!(hostname, *id, "the hostname is the clone id");
@@ -126,7 +131,7 @@ fn clones_of_a_warm_master() {
             text.contains("SECRET=kept-in-memory"),
             "{id}: the warm-up's process and its memory are there: {text:?}"
         );
-        randoms.insert(random[..32].to_vec());
+        randoms.insert(random);
         hostnames.insert(hostname);
     }
     assert_eq!(
@@ -168,25 +173,9 @@ fn clones_of_a_warm_master() {
         assert!(p.contains(&step), "{reset_id}: {step:?} in {p:?}");
     }
     assert!(!p.contains(&DevicePhase::ConnectionCarried), "{p:?}");
-    let out = exec(
-        &sandbox,
-        &reset_id,
-        &[
-            "head",
-            "-q",
-            "-c",
-            "4096",
-            "/dev/urandom",
-            "/proc/sys/kernel/hostname",
-        ],
-    );
-    assert!(out.status.success(), "{reset_id}: {out:?}");
-    let (random, rest) = out.stdout.split_at(4096);
-    assert_eq!(String::from_utf8_lossy(rest).trim(), reset_id);
-    assert!(
-        randoms.insert(random[..32].to_vec()),
-        "its random bytes are its own"
-    );
+    let (random, text) = random_and_files(&sandbox, &reset_id, &[]);
+    assert_eq!(text.trim(), reset_id);
+    assert!(randoms.insert(random), "its random bytes are its own");
     ok(&sandbox.zygote(&["kill", &reset_id], b""), "kill");
 
     // The wall clock was set from the host's at clone time.
